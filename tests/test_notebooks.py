@@ -1,0 +1,86 @@
+"""Notebook policy: sources carry no outputs, parameters are plain values papermill can see,
+every executed copy was made from the current source, every data file has provenance."""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import papermill as pm
+import pytest
+
+from helpers import REPO_ROOT, runner
+from helpers.provenance import sidecar
+
+SOURCES = runner.numbered_notebooks()
+EXECUTED = REPO_ROOT / "notebooks" / "executed"
+PARAM_FILES = sorted((REPO_ROOT / "params").glob("*.yaml"))
+
+
+def test_there_are_notebooks():
+    assert [p.name for p in SOURCES][:1] == ["01_load_and_quantize.ipynb"]
+
+
+@pytest.mark.parametrize("nb", SOURCES, ids=lambda p: p.stem)
+def test_sources_have_no_outputs(nb):
+    cells = json.loads(nb.read_text())["cells"]
+    code = [c for c in cells if c["cell_type"] == "code"]
+    assert all(not c["outputs"] and c["execution_count"] is None for c in code), \
+        f"{nb.name} was saved with outputs: clear them (executed copies live in notebooks/executed)"
+
+
+@pytest.mark.parametrize("nb", SOURCES, ids=lambda p: p.stem)
+def test_parameters_cell_holds_plain_values(nb):
+    cells = json.loads(nb.read_text())["cells"]
+    tagged = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(tagged) == 1, f"{nb.name} needs exactly one cell tagged 'parameters'"
+    tree = ast.parse("".join(tagged[0]["source"]))
+    names = set()
+    for stmt in tree.body:
+        assert isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name), \
+            f"{nb.name}: parameters cell may only assign names: {ast.unparse(stmt)}"
+        ast.literal_eval(stmt.value)  # raises unless a plain literal
+        names.add(stmt.targets[0].id)
+    # papermill must see every one of them (an '=' in a comment hides a parameter from it)
+    assert set(pm.inspect_notebook(str(nb))) == names
+
+
+@pytest.mark.parametrize("nb", SOURCES, ids=lambda p: p.stem)
+def test_executed_copy_is_fresh(nb):
+    executed = EXECUTED / nb.name
+    assert executed.exists(), f"no executed copy of {nb.name}: run `make reproduce`"
+    meta = json.loads(executed.read_text())["metadata"].get("compendium", {})
+    assert meta.get("source_sha256") == runner.source_hash(nb), \
+        f"notebooks/executed/{nb.name} is stale: {nb.name} changed since it was executed; run `make reproduce`"
+    assert meta.get("params_file", "").endswith("default.yaml")
+
+
+def test_no_executed_copy_without_a_source():
+    assert {p.name for p in EXECUTED.glob("*.ipynb")} <= {p.name for p in SOURCES}
+
+
+@pytest.mark.parametrize("params_file", PARAM_FILES, ids=lambda p: p.stem)
+def test_parameter_files_fit_the_notebooks(params_file):
+    params = runner.load_params(params_file)
+    runner.check_sections(params, SOURCES)
+    for nb in SOURCES:
+        runner.parameters_for(nb, params, runner.declared_parameters(nb))
+
+
+def test_every_data_file_has_provenance():
+    data = sorted((REPO_ROOT / "data").glob("*.csv"))
+    assert data, "data/ holds no results: run `make reproduce`"
+    for csv in data:
+        meta = json.loads(sidecar(csv).read_text())
+        for key in ("notebook", "parameters", "git_commit", "date", "packages", "device", "threads"):
+            assert key in meta, f"{sidecar(csv).name} lacks {key}"
+        assert (REPO_ROOT / "notebooks" / f"{meta['notebook']}.ipynb").exists()
+
+
+def test_every_figure_is_named_after_a_notebook():
+    stems = {nb.stem for nb in SOURCES}
+    figures = sorted((REPO_ROOT / "figures").glob("*.png"))
+    assert figures
+    for fig in figures:
+        assert any(fig.name.startswith(s + "_") for s in stems), f"{fig.name} is named after no notebook"

@@ -1,0 +1,65 @@
+"""The papermill runner: parameter checks and stopping at the first failure."""
+
+from __future__ import annotations
+
+import nbformat
+import pytest
+
+from helpers import runner
+
+
+def _nb(path, *sources, params="x = 1"):
+    cells = [nbformat.v4.new_code_cell(params, metadata={"tags": ["parameters"]})]
+    cells += [nbformat.v4.new_code_cell(s) for s in sources]
+    nb = nbformat.v4.new_notebook(cells=cells)
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+    return path
+
+
+def test_unknown_parameter_is_named(tmp_path):
+    nb = _nb(tmp_path / "01_a.ipynb", "print(x)")
+    with pytest.raises(runner.ParameterFileError, match=r"01_a.ipynb has no parameter\(s\) y; it declares: x"):
+        runner.parameters_for(nb, {"01_a": {"y": 2}}, {"x"})
+    assert runner.parameters_for(nb, {"all": {"x": 3, "z": 1}}, {"x"}) == {"x": 3}
+
+
+def test_stray_section_is_rejected():
+    with pytest.raises(runner.ParameterFileError, match="99_typo"):
+        runner.check_sections({"99_typo": {}}, runner.numbered_notebooks())
+
+
+def test_missing_parameter_file(tmp_path):
+    with pytest.raises(runner.ParameterFileError, match="does not exist"):
+        runner.load_params(tmp_path / "nope.yaml")
+
+
+def test_source_hash_ignores_outputs_and_injected_cells(tmp_path):
+    path = _nb(tmp_path / "01_a.ipynb", "print(x)")
+    nb = nbformat.read(path, as_version=4)
+    h = runner.source_hash(path)
+    nb.cells[1].outputs = [nbformat.v4.new_output("stream", text="1\n")]
+    nb.cells.insert(1, nbformat.v4.new_code_cell("x = 2", metadata={"tags": ["injected-parameters"]}))
+    assert runner.source_hash(dict(nb)) == h
+    nb.cells[2].source = "print(x + 1)"
+    assert runner.source_hash(dict(nb)) != h
+
+
+def test_run_stops_at_the_first_failure(tmp_path, capsys):
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    _nb(folder / "01_ok.ipynb", "y = x * 2")
+    _nb(folder / "02_fail.ipynb", "y = 1", "raise RuntimeError('boom')")
+    _nb(folder / "03_never.ipynb", "y = 3")
+    params = tmp_path / "p.yaml"
+    params.write_text("all:\n  x: 5\n")
+    with pytest.raises(SystemExit) as err:
+        runner.run(params, executed_dir=tmp_path / "out", notebooks_dir=folder)
+    assert err.value.code == 1
+    msg = capsys.readouterr().err
+    assert "FAILED: 02_fail.ipynb, cell 3 counting from 1 (first line: \"raise RuntimeError('boom')\")" in msg
+    assert "RuntimeError: boom" in msg
+    assert (tmp_path / "out" / "01_ok.ipynb").exists()
+    assert not (tmp_path / "out" / "03_never.ipynb").exists()
+    meta = nbformat.read(tmp_path / "out" / "01_ok.ipynb", as_version=4).metadata["compendium"]
+    assert meta["parameters"] == {"x": 5} and meta["source_sha256"] == runner.source_hash(folder / "01_ok.ipynb")
