@@ -227,6 +227,7 @@ def prepare(name: str, force: bool = False, root: Path | None = None) -> Path:
             hub_id=spec.hub_id,
             source_gguf=gguf_path.name,
             source_gguf_sha256=actual,
+            gguf_tensor_types=_read_gguf_types(gguf_path),
             storage_dtype="float32",
             transformers=metadata.version("transformers"),
             torch=metadata.version("torch"),
@@ -275,17 +276,26 @@ def resolve(name: str, prepare_missing: bool = True) -> str:
     )
 
 
+def _read_gguf_types(path: Path) -> dict[str, str]:
+    import gguf
+
+    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+
+
 def gguf_tensor_types(name: str) -> dict[str, str]:
     """GGUF storage type (Q4_1, Q8_0, ...) of every tensor of an embedded model's source file.
 
     These are the grids the fp32 baseline already sits on (the double-quantization confound).
+    Read from the prepared folder's manifest; from the GGUF itself if the manifest predates it.
     """
-    import gguf
-
     spec = embedded(name)
+    manifest = models_dir() / name / MANIFEST
+    if manifest.exists():
+        types = json.loads(manifest.read_text()).get("gguf_tensor_types")
+        if types:
+            return types
     with tempfile.TemporaryDirectory() as tmp:
-        reader = gguf.GGUFReader(spec.locate(Path(tmp)))
-        return {t.name: t.tensor_type.name for t in reader.tensors}
+        return _read_gguf_types(spec.locate(Path(tmp)))
 
 
 def main(argv: list[str] | None = None) -> int:
