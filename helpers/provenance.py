@@ -88,9 +88,10 @@ def provenance(device: str = "cpu", **extra: Any) -> dict[str, Any]:
 
 
 def sidecar(path: str | os.PathLike[str]) -> Path:
-    """Provenance file that belongs to data file ``path``."""
+    """Provenance file that belongs to data file ``path`` (``x.csv`` or ``x.csv.gz``)."""
     path = Path(path)
-    return path.with_name(path.stem + ".provenance.json")
+    base = path.name.removesuffix(".gz").removesuffix(".csv")
+    return path.with_name(base + ".provenance.json")
 
 
 def save_table(df: pd.DataFrame, path: str | os.PathLike[str], *, device: str = "cpu", **meta: Any) -> Path:
@@ -102,7 +103,7 @@ def save_table(df: pd.DataFrame, path: str | os.PathLike[str], *, device: str = 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    df.to_csv(tmp, index=False)
+    df.to_csv(tmp, index=False, compression="gzip" if path.name.endswith(".gz") else None)
     record = provenance(device=device, rows=len(df), columns=list(df.columns), **meta)
     side_tmp = sidecar(path).with_suffix(".tmp")
     side_tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")

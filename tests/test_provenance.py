@@ -29,6 +29,14 @@ def test_missing_sidecar_is_an_error(tmp_path):
 
 def test_sidecar_name():
     assert provenance.sidecar("data/01_x.csv").name == "01_x.provenance.json"
+    assert provenance.sidecar("data/02_y.csv.gz").name == "02_y.provenance.json"
+
+
+def test_compressed_tables(tmp_path):
+    df = pd.DataFrame({"a": range(1000)})
+    path = provenance.save_table(df, tmp_path / "t.csv.gz", notebook="02_x")
+    assert path.read_bytes()[:2] == b"\x1f\x8b"  # gzip magic
+    pd.testing.assert_frame_equal(provenance.load_table(path)[0], df)
 
 
 def test_git_commit_is_reported():

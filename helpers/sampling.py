@@ -1,0 +1,269 @@
+"""Sampling hyperparameters: exact next-token measures and seeded batched generation.
+
+**Exact next-token sensitivity.** Temperature ``T`` and top-k only reshape the next-token
+distribution ``p = softmax(topk(logits, k) / T)``. So one forward pass per (prompt, method)
+gives, for every (T, k) at once and without sampling noise, the total variation and KL
+divergence from the reference model's distribution at the same (T, k), top-1 agreement, the
+probability of a cloze answer and the entropy (:func:`next_token_measures`).
+
+**Sampling with common random numbers.** :func:`generate` decodes a batch with a KV cache for a
+fixed number of tokens. The token at step ``t`` of a sequence is drawn by inverse-CDF sampling
+with one uniform number ``u = hash(sequence_seed, t)``. The same prompt and sample index get the
+same seed in every method, so two methods facing nearly the same distribution draw the same
+token: differences between methods come from the method, not from luck. Because the noise
+depends only on (seed, step), a per-sample loop draws exactly the samples the batch does, and a
+generation of N tokens is the prefix of one of M > N tokens with the same seed.
+
+Conventions: ``T == 0`` means greedy (argmax, first index on ties); ``top_k == 0`` means off;
+top-k keeps exactly k tokens even on ties (``torch.topk``), not "every logit >= the k-th"
+(litgpt#729). Logits are cast to float32 before dividing by T, so fp16 models at very low T
+give no inf/NaN (accelerate#1104, transformers#32174).
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+MASK32 = 0xFFFFFFFF
+
+
+# --------------------------------------------------------------------------- validation
+def validate(temperature: float | None = None, top_k: int | None = None, max_new_tokens: int | None = None) -> None:
+    """Reject invalid sampling settings with a one-line reason (``None`` skips a check)."""
+    if temperature is not None and (not isinstance(temperature, (int, float)) or not math.isfinite(temperature)
+                                    or temperature < 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0):
+        raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
+    if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 1):
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+
+
+def validate_grid(temperatures, top_ks, max_new_tokens) -> None:
+    """Check whole grids up front, before any model is loaded."""
+    for name, values in (("temperatures", temperatures), ("top_ks", top_ks), ("max_new_tokens", max_new_tokens)):
+        if not isinstance(values, (list, tuple)) or not values:
+            raise ValueError(f"{name} must be a non-empty list, got {values!r}")
+    for t in temperatures:
+        validate(temperature=t)
+    for k in top_ks:
+        validate(top_k=k)
+    for n in max_new_tokens:
+        validate(max_new_tokens=n)
+
+
+# --------------------------------------------------------------------------- distributions
+def next_token_probs(logits: torch.Tensor, temperature: float, top_k: int = 0) -> torch.Tensor:
+    """``softmax(topk(logits, k) / T)`` in float32 over the last dimension.
+
+    ``T == 0`` gives the one-hot of the argmax. Exactly ``k`` tokens keep non-zero probability.
+    """
+    validate(temperature=temperature, top_k=top_k)
+    x = logits.float()
+    if temperature == 0:
+        return torch.nn.functional.one_hot(x.argmax(-1), x.shape[-1]).float()
+    if 0 < top_k < x.shape[-1]:
+        vals, idx = x.topk(top_k, dim=-1)
+        x = torch.full_like(x, float("-inf")).scatter(-1, idx, vals)
+    return torch.softmax(x / temperature, dim=-1)
+
+
+def _support(logits: torch.Tensor, temperature: float, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices and probabilities of the top-k tokens (sorted by logit) at temperature T > 0."""
+    vals, idx = logits.topk(k, dim=-1)
+    return idx, torch.softmax(vals / temperature, dim=-1)
+
+
+def next_token_measures(ref_logits: torch.Tensor, logits: torch.Tensor, temperatures: list[float],
+                        top_ks: list[int], answer_ids: torch.Tensor | None = None) -> list[dict]:
+    """Exact divergences between the reference and a method's next-token distributions.
+
+    ``ref_logits`` and ``logits`` are ``[P, V]`` (one row per prompt, last position). Returns one
+    row per (prompt index, T, k) with ``tv`` (total variation), ``kl`` (KL(ref || method), inf when
+    the method's top-k misses a token the reference's keeps), ``top1_agree``, ``entropy`` (nats,
+    of the method's distribution), ``p_answer`` (method's probability of ``answer_ids[i]``, NaN
+    when < 0) and ``ref_p_answer``.
+    """
+    ref, x = ref_logits.float(), logits.float()
+    P, V = x.shape
+    answers = answer_ids if answer_ids is not None else torch.full((P,), -1, dtype=torch.long)
+    has_answer = answers >= 0
+    safe_answers = answers.clamp_min(0)
+    top1 = (ref.argmax(-1) == x.argmax(-1))
+    rows: list[dict] = []
+
+    def emit(T, k, tv, kl, ent, p_ans, ref_p_ans):
+        for i in range(P):
+            rows.append({"prompt_index": i, "temperature": T, "top_k": k, "tv": tv[i].item(), "kl": kl[i].item(),
+                         "top1_agree": bool(top1[i]), "entropy": ent[i].item(),
+                         "p_answer": p_ans[i].item() if has_answer[i] else float("nan"),
+                         "ref_p_answer": ref_p_ans[i].item() if has_answer[i] else float("nan")})
+
+    for T in temperatures:
+        if T == 0:
+            agree = top1.float()
+            zero = torch.zeros(P)
+            kl = torch.where(top1, zero, torch.full((P,), float("inf")))
+            p_ans = (x.argmax(-1) == safe_answers).float()
+            ref_p_ans = (ref.argmax(-1) == safe_answers).float()
+            for k in top_ks:  # top-k is irrelevant to greedy decoding
+                emit(T, k, 1 - agree, kl, zero, p_ans, ref_p_ans)
+            continue
+        for k in top_ks:
+            if k == 0 or k >= V:
+                logp, logq = torch.log_softmax(ref / T, -1), torch.log_softmax(x / T, -1)
+                p, q = logp.exp(), logq.exp()
+                tv = 0.5 * (p - q).abs().sum(-1)
+                kl = torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
+                ent = -torch.where(q > 0, q * logq, torch.zeros_like(q)).sum(-1)
+                p_ans = q.gather(1, safe_answers[:, None]).squeeze(1)
+                ref_p_ans = p.gather(1, safe_answers[:, None]).squeeze(1)
+            else:
+                idx_p, p = _support(ref, T, k)
+                idx_q, q = _support(x, T, k)
+                match = idx_p[:, :, None] == idx_q[:, None, :]  # [P, k, k]
+                q_at_p = (match * q[:, None, :]).sum(-1)
+                tv = 1 - torch.minimum(p, q_at_p).sum(-1)
+                with torch.no_grad():
+                    ratio = torch.where(q_at_p > 0, p / q_at_p, torch.full_like(p, float("inf")))
+                    kl = torch.where(p > 0, p * ratio.log(), torch.zeros_like(p)).sum(-1)
+                ent = -(q * q.clamp_min(1e-45).log()).sum(-1)
+                p_ans = ((idx_q == safe_answers[:, None]) * q).sum(-1)
+                ref_p_ans = ((idx_p == safe_answers[:, None]) * p).sum(-1)
+            emit(T, k, tv.clamp_min(0), kl.clamp_min(0), ent, p_ans, ref_p_ans)
+    return rows
+
+
+# --------------------------------------------------------------------------- random numbers
+def sequence_seed(prompt_id: str, sample_index: int, base_seed: int = 0) -> int:
+    """A 32-bit seed for one (prompt, sample index): the same in every method."""
+    return zlib.crc32(f"{base_seed}/{prompt_id}/{sample_index}".encode()) & MASK32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    # a well-mixed 32-bit integer hash, computed in int64 without overflow (x < 2**32, constant < 2**27)
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & MASK32
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & MASK32
+    return x ^ (x >> 16)
+
+
+def step_uniforms(seeds: torch.Tensor, step: int) -> torch.Tensor:
+    """One uniform number in (0, 1) per sequence for decoding step ``step`` (float64)."""
+    h = _mix32(_mix32(seeds.long() & MASK32) ^ _mix32(torch.full_like(seeds.long(), step + 0x9E3779B9 & MASK32)))
+    h2 = _mix32(h ^ 0x85EBCA6B)
+    return ((h * 2.0**21 + (h2 >> 11)) + 0.5) / 2.0**53  # 53 random bits, never 0 or 1
+
+
+def sample_tokens(logits: torch.Tensor, temperature: float, top_k: int, uniforms: torch.Tensor) -> torch.Tensor:
+    """Draw one token per row by inverse-CDF sampling with the given uniforms (T == 0: argmax)."""
+    if temperature == 0:
+        return logits.float().argmax(-1)
+    probs = next_token_probs(logits, temperature, top_k).double()
+    cdf = probs.cumsum(-1)
+    u = uniforms.double().to(cdf.device)[:, None] * cdf[:, -1:]
+    return torch.searchsorted(cdf, u).squeeze(1).clamp_max(probs.shape[-1] - 1)
+
+
+# --------------------------------------------------------------------------- generation
+@dataclass
+class Generation:
+    """Fixed-length generations of a batch: ``tokens`` is ``[B, max_new_tokens]``."""
+
+    tokens: torch.Tensor
+    prompt_ids: list[list[int]]
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, prompts: list[str], seeds: list[int], temperature: float, top_k: int,
+             max_new_tokens: int, batch_size: int = 64) -> Generation:
+    """Decode exactly ``max_new_tokens`` tokens for every prompt (no early stop at EOS).
+
+    Prompts are left-padded into batches of ``batch_size`` with explicit position ids, so a
+    sequence's logits do not depend on its neighbours (up to floating-point rounding).
+    """
+    validate(temperature, top_k, max_new_tokens)
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoded = [tokenizer(p)["input_ids"] for p in prompts]
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        ids = encoded[start:start + batch_size]
+        seed_t = torch.tensor(seeds[start:start + batch_size], dtype=torch.long)
+        width = max(map(len, ids))
+        input_ids = torch.tensor([[pad] * (width - len(s)) + s for s in ids], device=device)
+        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in ids], device=device)
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)
+        res = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        cache, steps = res.past_key_values, []
+        for step in range(max_new_tokens):
+            tok = sample_tokens(res.logits[:, -1], temperature, top_k, step_uniforms(seed_t, step)).to(device)
+            steps.append(tok.cpu())
+            if step + 1 == max_new_tokens:
+                break
+            mask = torch.cat([mask, mask.new_ones(len(ids), 1)], dim=1)
+            pos = pos[:, -1:] + 1
+            res = model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos,
+                        past_key_values=cache, use_cache=True)
+            cache = res.past_key_values
+        out.append(torch.stack(steps, dim=1))
+    return Generation(torch.cat(out), encoded)
+
+
+# --------------------------------------------------------------------------- quality
+def truncate_at_eos(tokens: list[int], eos_ids: set[int]) -> list[int]:
+    """Tokens up to (not including) the first end-of-sequence token."""
+    for i, t in enumerate(tokens):
+        if t in eos_ids:
+            return tokens[:i]
+    return tokens
+
+
+def distinct_n(tokens: list[int], n: int) -> float:
+    """Unique n-grams / total n-grams of one sequence (NaN if shorter than n)."""
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else float("nan")
+
+
+def repetition_rate(tokens: list[int], n: int = 3) -> float:
+    """Share of n-grams that repeat an earlier n-gram of the same sequence: 1 - distinct-n."""
+    d = distinct_n(tokens, n)
+    return 1 - d if not math.isnan(d) else float("nan")
+
+
+def first_word(text: str) -> str:
+    """The first word of a generation, lower-cased, without surrounding punctuation."""
+    for word in text.split():
+        w = word.strip(".,;:!?\"'()[]{}«»“”‘’-").lower()
+        if w:
+            return w
+    return ""
+
+
+@torch.inference_mode()
+def reference_nll(model, prompt_ids: list[list[int]], generated: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+    """Per-token NLL (nats) of each generated token under ``model`` (the fp32 reference).
+
+    Returns ``[B, L]``; the cumulative mean over a prefix gives the reference perplexity of the
+    first ``n`` tokens for every ``n`` at once.
+    """
+    device = next(model.parameters()).device
+    B, L = generated.shape
+    out = torch.empty(B, L)
+    for start in range(0, B, batch_size):
+        rows = range(start, min(B, start + batch_size))
+        seqs = [prompt_ids[i] + generated[i].tolist() for i in rows]
+        width = max(map(len, seqs))
+        ids = torch.tensor([[0] * (width - len(s)) + s for s in seqs], device=device)
+        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -L - 1:-1].float()
+        logp = torch.log_softmax(logits, -1)
+        tgt = generated[list(rows)].to(device)
+        out[list(rows)] = -logp.gather(-1, tgt[..., None]).squeeze(-1).cpu()
+    return out

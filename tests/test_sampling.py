@@ -1,0 +1,142 @@
+"""Exact next-token measures against brute force, top-k ties, T=0, fp16 safety, CRN sampling."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from helpers import sampling
+
+
+def test_validation_messages_are_one_line():
+    for kwargs, pattern in [({"temperature": -0.1}, "temperature"), ({"temperature": float("nan")}, "temperature"),
+                            ({"top_k": -1}, "top_k"), ({"top_k": 2.5}, "top_k"),
+                            ({"max_new_tokens": 0}, "max_new_tokens")]:
+        with pytest.raises(ValueError, match=pattern) as err:
+            sampling.validate(**kwargs)
+        assert "\n" not in str(err.value)
+    sampling.validate(0, 0, 1)
+    with pytest.raises(ValueError, match="non-empty"):
+        sampling.validate_grid([], [0], [1])
+    with pytest.raises(ValueError, match="top_k"):
+        sampling.validate_grid([0.7], [0, -5], [8])
+
+
+def test_greedy_is_argmax_first_index_on_ties():
+    logits = torch.tensor([[1.0, 3.0, 3.0, 0.0]])
+    assert sampling.next_token_probs(logits, 0).tolist() == [[0, 1, 0, 0]]
+    assert sampling.sample_tokens(logits, 0, 0, torch.tensor([0.99])).tolist() == [1]
+
+
+def test_top_k_keeps_exactly_k_on_ties():
+    logits = torch.tensor([[2.0, 1.0, 1.0, 1.0, 0.0]])
+    p = sampling.next_token_probs(logits, 1.0, top_k=2)
+    assert (p > 0).sum().item() == 2  # a threshold rule (logits >= kth) would keep 4
+    assert p.sum().item() == pytest.approx(1.0)
+
+
+def test_fp16_logits_at_very_low_temperature_are_safe():
+    logits = (torch.randn(4, 1000) * 20).half()
+    for T in (1e-4, 1e-2, 0.1):
+        p = sampling.next_token_probs(logits, T, 0)
+        assert torch.isfinite(p).all() and torch.allclose(p.sum(-1), torch.ones(4))
+    rows = sampling.next_token_measures(logits, logits, [1e-4, 0.5], [0, 10])
+    assert all(math.isfinite(r["tv"]) and math.isfinite(r["kl"]) for r in rows)
+
+
+def _brute_force(ref, x, T, k, answer, n=200_000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    p = sampling.next_token_probs(ref, T, k)[0]
+    q = sampling.next_token_probs(x, T, k)[0]
+    draws_p = torch.multinomial(p, n, replacement=True, generator=g)
+    draws_q = torch.multinomial(q, n, replacement=True, generator=g)
+    ep = torch.bincount(draws_p, minlength=p.numel()).float() / n
+    eq = torch.bincount(draws_q, minlength=q.numel()).float() / n
+    return 0.5 * (ep - eq).abs().sum().item(), eq[answer].item()
+
+
+@pytest.mark.parametrize("T,k", [(0.5, 0), (1.0, 0), (1.5, 0), (0.7, 5), (1.0, 3)])
+def test_exact_measures_match_a_sampled_estimate(T, k):
+    g = torch.Generator().manual_seed(1)
+    ref = torch.randn(1, 12, generator=g) * 2
+    x = ref + 0.7 * torch.randn(1, 12, generator=g)
+    answer = int(ref.argmax())
+    row = sampling.next_token_measures(ref, x, [T], [k], torch.tensor([answer]))[0]
+    tv_mc, pans_mc = _brute_force(ref, x, T, k, answer)
+    assert row["tv"] == pytest.approx(tv_mc, abs=0.01)
+    assert row["p_answer"] == pytest.approx(pans_mc, abs=0.01)
+    # KL and entropy against direct formulas on the dense distributions
+    p = sampling.next_token_probs(ref, T, k)[0].double()
+    q = sampling.next_token_probs(x, T, k)[0].double()
+    nz = p > 0
+    kl = (p[nz] * (p[nz] / q[nz]).log()).sum().item() if (q[nz] > 0).all() else math.inf
+    assert row["kl"] == pytest.approx(kl, rel=1e-4, abs=1e-6)
+    assert row["entropy"] == pytest.approx(-(q[q > 0] * q[q > 0].log()).sum().item(), rel=1e-4)
+
+
+def test_identical_models_have_zero_divergence_and_greedy_is_binary():
+    x = torch.randn(3, 50)
+    for r in sampling.next_token_measures(x, x, [0, 0.3, 1.0], [0, 5]):
+        assert r["tv"] == pytest.approx(0, abs=1e-6) and r["kl"] == pytest.approx(0, abs=1e-6) and r["top1_agree"]
+    y = x.clone()
+    y[0, x[0].argmax()] -= 100  # changes prompt 0's argmax
+    rows = [r for r in sampling.next_token_measures(x, y, [0], [0]) if r["prompt_index"] == 0]
+    assert rows[0]["tv"] == 1 and rows[0]["kl"] == math.inf and not rows[0]["top1_agree"]
+
+
+def test_uniforms_are_uniform_and_common():
+    seeds = torch.tensor([sampling.sequence_seed("p", i) for i in range(20000)])
+    u = sampling.step_uniforms(seeds, 3)
+    assert ((u > 0) & (u < 1)).all()
+    hist = torch.histc(u.float(), bins=10, min=0, max=1) / len(u)
+    assert (hist - 0.1).abs().max() < 0.01
+    assert torch.equal(u, sampling.step_uniforms(seeds, 3))  # same seed and step: same number
+    assert not torch.equal(u, sampling.step_uniforms(seeds, 4))
+    assert sampling.sequence_seed("p", 0) != sampling.sequence_seed("p", 1)
+
+
+def test_inverse_cdf_sampling_has_the_right_distribution():
+    logits = torch.tensor([0.0, 1.0, 2.0, -1.0])
+    seeds = torch.arange(40000)
+    toks = sampling.sample_tokens(logits.expand(len(seeds), -1), 1.0, 0, sampling.step_uniforms(seeds, 0))
+    freq = torch.bincount(toks, minlength=4).float() / len(seeds)
+    assert torch.allclose(freq, torch.softmax(logits, 0), atol=0.01)
+
+
+def test_text_measures():
+    assert sampling.distinct_n([1, 2, 1, 2], 1) == 0.5
+    assert sampling.distinct_n([1, 2, 1, 2], 2) == pytest.approx(2 / 3)
+    assert math.isnan(sampling.distinct_n([1], 2))
+    assert sampling.repetition_rate([5, 6, 7, 5, 6, 7]) == pytest.approx(1 / 4)
+    assert sampling.truncate_at_eos([4, 5, 2, 6], {2}) == [4, 5]
+    assert sampling.first_word('  "Paris." is') == "paris"
+    assert sampling.first_word(" ...") == ""
+
+
+@pytest.mark.models
+def test_batched_generation_equals_per_sample_loop_and_prefixes(loaded):
+    model, tok = loaded("fp32")
+    prompts = ["The capital of France is", "Once upon a time, a small dog", "1, 2, 3,"]
+    seeds = [sampling.sequence_seed(p, 0) for p in prompts]
+    batched = sampling.generate(model, tok, prompts, seeds, 0.9, 0, 12)
+    for i, p in enumerate(prompts):
+        single = sampling.generate(model, tok, [p], [seeds[i]], 0.9, 0, 12)
+        assert torch.equal(single.tokens[0], batched.tokens[i])
+    short = sampling.generate(model, tok, prompts, seeds, 0.9, 0, 5)
+    assert torch.equal(short.tokens, batched.tokens[:, :5])  # N tokens = prefix of M > N
+
+
+@pytest.mark.models
+def test_reference_nll_matches_a_plain_forward(loaded):
+    model, tok = loaded("fp32")
+    prompts = ["Hello there", "The capital of France is"]
+    gen = sampling.generate(model, tok, prompts, [1, 2], 0, 0, 6)
+    nll = sampling.reference_nll(model, gen.prompt_ids, gen.tokens)
+    for i in range(2):
+        ids = torch.tensor([gen.prompt_ids[i] + gen.tokens[i].tolist()])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0, -7:-1].float(), -1)
+        expected = -logp.gather(1, gen.tokens[i][:, None]).squeeze(1)
+        assert torch.allclose(nll[i], expected, atol=1e-4)
