@@ -43,7 +43,8 @@ def test_smoke_outputs_have_provenance_and_sane_numbers(smoke_run):
     assert meta["parameters"]["max_eval_tokens"] == 64
     assert set(table.method) == {"fp32", "int8", "nf4", "nf4-dq"}
     by = table.set_index("method")
-    assert by.loc["nf4", "bits_per_quantized_param"] == pytest.approx(4.5, abs=0.005)
-    assert by.loc["nf4-dq", "bits_per_quantized_param"] == pytest.approx(4.127, abs=0.005)
+    # nominal 4.5 and 4.127, plus per-layer codebooks (see test_quantization for the exact count)
+    assert 4.5 <= by.loc["nf4", "bits_per_quantized_param"] < 4.53
+    assert 4.127 <= by.loc["nf4-dq", "bits_per_quantized_param"] < 4.157
     assert by.loc["nf4", "total_MiB"] < by.loc["int8", "total_MiB"] < by.loc["fp32", "total_MiB"]
     assert table.perplexity.between(1, 1000).all()
