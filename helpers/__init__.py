@@ -7,6 +7,11 @@ One module per concern; notebooks import what they need:
 - :mod:`helpers.methods`       the method registry (fp32 ... fp4-dq) and :func:`~helpers.methods.load`
 - :mod:`helpers.quantization`  codebooks, block-wise round trips, bits and bytes of quantized models
 - :mod:`helpers.evaluation`    perplexity and seeded continuations
+- :mod:`helpers.sampling`      exact next-token measures over (T, top-k); seeded batched generation
+                               with common random numbers; quality measures of generations
+- :mod:`helpers.sweep`         the sampling sweep of notebook 02, cut into resumable units
+- :mod:`helpers.store`         append-only results store that survives SIGKILL
+- :mod:`helpers.stats`         block-bootstrap confidence intervals
 - :mod:`helpers.runtime`       thread control, quiet logging, machine load
 - :mod:`helpers.provenance`    data files with their provenance sidecar
 - :mod:`helpers.runner`        executes the numbered notebooks with papermill

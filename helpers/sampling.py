@@ -72,12 +72,6 @@ def next_token_probs(logits: torch.Tensor, temperature: float, top_k: int = 0) -
     return torch.softmax(x / temperature, dim=-1)
 
 
-def _support(logits: torch.Tensor, temperature: float, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices and probabilities of the top-k tokens (sorted by logit) at temperature T > 0."""
-    vals, idx = logits.topk(k, dim=-1)
-    return idx, torch.softmax(vals / temperature, dim=-1)
-
-
 def next_token_measures(ref_logits: torch.Tensor, logits: torch.Tensor, temperatures: list[float],
                         top_ks: list[int], answer_ids: torch.Tensor | None = None) -> list[dict]:
     """Exact divergences between the reference and a method's next-token distributions.
@@ -87,55 +81,75 @@ def next_token_measures(ref_logits: torch.Tensor, logits: torch.Tensor, temperat
     the method's top-k misses a token the reference's keeps), ``top1_agree``, ``entropy`` (nats,
     of the method's distribution), ``p_answer`` (method's probability of ``answer_ids[i]``, NaN
     when < 0) and ``ref_p_answer``.
+
+    Cost: the top-k selection is made once (it does not depend on T); each dense (k off) point
+    is a handful of passes over ``[P, V]`` using ``KL = sum p (a - b) - (lse_a - lse_b)`` and
+    ``H(q) = lse_b - sum q b`` for the scaled logits ``a, b``.
     """
-    ref, x = ref_logits.float(), logits.float()
+    # -inf logits (masked tokens) would give inf - inf; a huge finite value has probability 0
+    ref = ref_logits.float().nan_to_num(neginf=-1e30)
+    x = logits.float().nan_to_num(neginf=-1e30)
     P, V = x.shape
     answers = answer_ids if answer_ids is not None else torch.full((P,), -1, dtype=torch.long)
     has_answer = answers >= 0
-    safe_answers = answers.clamp_min(0)
-    top1 = (ref.argmax(-1) == x.argmax(-1))
-    rows: list[dict] = []
+    ans = answers.clamp_min(0)[:, None]
+    top1 = ref.argmax(-1) == x.argmax(-1)
+    kmax = max([k for k in top_ks if 0 < k < V], default=0)
+    if kmax:
+        ref_vals, ref_idx = ref.topk(kmax, dim=-1)  # sorted, exactly kmax per row
+        x_vals, x_idx = x.topk(kmax, dim=-1)
+    cols: dict[str, list[torch.Tensor]] = {c: [] for c in ("tv", "kl", "entropy", "p_answer", "ref_p_answer")}
+    grid: list[tuple[float, int]] = []  # (T, k) of each emitted block, as given (no float32 rounding)
 
     def emit(T, k, tv, kl, ent, p_ans, ref_p_ans):
-        for i in range(P):
-            rows.append({"prompt_index": i, "temperature": T, "top_k": k, "tv": tv[i].item(), "kl": kl[i].item(),
-                         "top1_agree": bool(top1[i]), "entropy": ent[i].item(),
-                         "p_answer": p_ans[i].item() if has_answer[i] else float("nan"),
-                         "ref_p_answer": ref_p_ans[i].item() if has_answer[i] else float("nan")})
+        for name, value in (("tv", tv.clamp(0, 1)), ("kl", kl.clamp_min(0)), ("entropy", ent.clamp_min(0)),
+                            ("p_answer", p_ans), ("ref_p_answer", ref_p_ans)):
+            cols[name].append(value.float())
+        grid.append((T, k))
 
     for T in temperatures:
         if T == 0:
-            agree = top1.float()
-            zero = torch.zeros(P)
+            zero, agree = torch.zeros(P), top1.float()
             kl = torch.where(top1, zero, torch.full((P,), float("inf")))
-            p_ans = (x.argmax(-1) == safe_answers).float()
-            ref_p_ans = (ref.argmax(-1) == safe_answers).float()
+            p_ans = (x.argmax(-1) == ans[:, 0]).float()
+            ref_p_ans = (ref.argmax(-1) == ans[:, 0]).float()
             for k in top_ks:  # top-k is irrelevant to greedy decoding
                 emit(T, k, 1 - agree, kl, zero, p_ans, ref_p_ans)
             continue
+        dense = None
         for k in top_ks:
             if k == 0 or k >= V:
-                logp, logq = torch.log_softmax(ref / T, -1), torch.log_softmax(x / T, -1)
-                p, q = logp.exp(), logq.exp()
-                tv = 0.5 * (p - q).abs().sum(-1)
-                kl = torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
-                ent = -torch.where(q > 0, q * logq, torch.zeros_like(q)).sum(-1)
-                p_ans = q.gather(1, safe_answers[:, None]).squeeze(1)
-                ref_p_ans = p.gather(1, safe_answers[:, None]).squeeze(1)
+                if dense is None:
+                    a, b = ref / T, x / T
+                    lse_a, lse_b = a.logsumexp(-1), b.logsumexp(-1)
+                    p, q = (a - lse_a[:, None]).exp_(), (b - lse_b[:, None]).exp_()
+                    tv = 0.5 * (p - q).abs_().sum(-1)
+                    kl = (p * (a - b)).sum(-1) - (lse_a - lse_b)
+                    ent = lse_b - (q * b).sum(-1)
+                    dense = (tv, kl, ent, q.gather(1, ans)[:, 0], p.gather(1, ans)[:, 0])
+                    del a, b, p, q
+                emit(T, k, *dense)
             else:
-                idx_p, p = _support(ref, T, k)
-                idx_q, q = _support(x, T, k)
+                idx_p, idx_q = ref_idx[:, :k], x_idx[:, :k]
+                p = torch.softmax(ref_vals[:, :k] / T, -1)
+                q = torch.softmax(x_vals[:, :k] / T, -1)
                 match = idx_p[:, :, None] == idx_q[:, None, :]  # [P, k, k]
                 q_at_p = (match * q[:, None, :]).sum(-1)
                 tv = 1 - torch.minimum(p, q_at_p).sum(-1)
-                with torch.no_grad():
-                    ratio = torch.where(q_at_p > 0, p / q_at_p, torch.full_like(p, float("inf")))
-                    kl = torch.where(p > 0, p * ratio.log(), torch.zeros_like(p)).sum(-1)
+                ratio = torch.where(q_at_p > 0, p / q_at_p, torch.full_like(p, float("inf")))
+                kl = torch.where(p > 0, p * ratio.log(), torch.zeros_like(p)).sum(-1)
                 ent = -(q * q.clamp_min(1e-45).log()).sum(-1)
-                p_ans = ((idx_q == safe_answers[:, None]) * q).sum(-1)
-                ref_p_ans = ((idx_p == safe_answers[:, None]) * p).sum(-1)
-            emit(T, k, tv.clamp_min(0), kl.clamp_min(0), ent, p_ans, ref_p_ans)
-    return rows
+                emit(T, k, tv, kl, ent, ((idx_q == ans) * q).sum(-1), ((idx_p == ans) * p).sum(-1))
+    n = len(grid)
+    out = {name: torch.cat(v).tolist() for name, v in cols.items()}
+    nan = float("nan")
+    temps = [T for T, _ in grid for _ in range(P)]
+    ks = [k for _, k in grid for _ in range(P)]
+    index, answered, agree = list(range(P)) * n, has_answer.tolist() * n, top1.tolist() * n
+    return [{"prompt_index": i, "temperature": T, "top_k": k, "tv": tv, "kl": kl, "top1_agree": a,
+             "entropy": e, "p_answer": pa if h else nan, "ref_p_answer": rpa if h else nan}
+            for i, T, k, tv, kl, a, e, pa, rpa, h in zip(index, temps, ks, out["tv"], out["kl"], agree,
+                                                       out["entropy"], out["p_answer"], out["ref_p_answer"], answered)]
 
 
 # --------------------------------------------------------------------------- random numbers
@@ -169,6 +183,18 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_k: int, uniforms
 
 
 # --------------------------------------------------------------------------- generation
+def left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-pad token lists into ``(input_ids, attention_mask, position_ids)``.
+
+    Explicit position ids (counting only real tokens) make a sequence's logits independent of
+    how much padding its batch needed.
+    """
+    width = max(map(len, sequences))
+    ids = torch.tensor([[pad_id] * (width - len(s)) + list(s) for s in sequences], device=device)
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences], device=device)
+    return ids, mask, (mask.cumsum(-1) - 1).clamp_min(0)
+
+
 @dataclass
 class Generation:
     """Fixed-length generations of a batch: ``tokens`` is ``[B, max_new_tokens]``."""
@@ -195,10 +221,7 @@ def generate(model, tokenizer, prompts: list[str], seeds: list[int], temperature
     for start in range(0, len(prompts), batch_size):
         ids = encoded[start:start + batch_size]
         seed_t = torch.tensor(seeds[start:start + batch_size], dtype=torch.long)
-        width = max(map(len, ids))
-        input_ids = torch.tensor([[pad] * (width - len(s)) + s for s in ids], device=device)
-        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in ids], device=device)
-        pos = (mask.cumsum(-1) - 1).clamp_min(0)
+        input_ids, mask, pos = left_pad(ids, pad, device)
         res = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True)
         cache, steps = res.past_key_values, []
         for step in range(max_new_tokens):
@@ -257,11 +280,7 @@ def reference_nll(model, prompt_ids: list[list[int]], generated: torch.Tensor, b
     out = torch.empty(B, L)
     for start in range(0, B, batch_size):
         rows = range(start, min(B, start + batch_size))
-        seqs = [prompt_ids[i] + generated[i].tolist() for i in rows]
-        width = max(map(len, seqs))
-        ids = torch.tensor([[0] * (width - len(s)) + s for s in seqs], device=device)
-        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
-        pos = (mask.cumsum(-1) - 1).clamp_min(0)
+        ids, mask, pos = left_pad([prompt_ids[i] + generated[i].tolist() for i in rows], 0, device)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -L - 1:-1].float()
         logp = torch.log_softmax(logits, -1)
         tgt = generated[list(rows)].to(device)

@@ -52,11 +52,13 @@ class ResultStore:
         return p.exists() and sidecar(p).exists()
 
     def write(self, key: dict[str, Any], rows: pd.DataFrame, **meta: Any) -> Path:
-        """Store a finished unit; the key's fields are added as columns. Refuses to overwrite."""
+        """Store a finished unit. Scalar key fields become columns (list-valued ones, such as a
+        grid, stay in the provenance's ``unit_key``). Refuses to overwrite a stored unit."""
         p = self.path(key)
         if self.done(key):
             raise FileExistsError(f"unit {p.name} is already stored")
-        rows = rows.assign(**{k: v for k, v in key.items() if k not in rows.columns or rows[k].isna().all()})
+        scalars = {k: v for k, v in key.items() if not isinstance(v, (list, tuple, dict)) and k not in rows.columns}
+        rows = rows.assign(**scalars)
         return save_table(rows, p, unit_key=key, **meta)
 
     def read(self) -> pd.DataFrame:
