@@ -18,7 +18,6 @@ agree with.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -293,7 +292,3 @@ class Sweep:
         self.gen_store.write(self.gen_key(model_name, method, temperature, top_k), pd.DataFrame(rows),
                              notebook="02_sampling_sweep", device=c.device, config=asdict(c), timing=timing)
 
-
-def reference_ppl(nll: float) -> float:
-    """Perplexity from a mean NLL (NaN stays NaN)."""
-    return math.exp(nll) if math.isfinite(nll) else float("nan")
