@@ -61,6 +61,10 @@ class ResultStore:
         rows = rows.assign(**scalars)
         return save_table(rows, p, unit_key=key, **meta)
 
+    def read_unit(self, key: dict[str, Any]) -> pd.DataFrame:
+        """One finished unit's rows (empty if the unit is not stored)."""
+        return load_table(self.path(key))[0] if self.done(key) else pd.DataFrame()
+
     def read(self) -> pd.DataFrame:
         """All finished units as one table (empty if none). Raises if two files share a key."""
         for tmp in self.folder.glob("*.tmp"):

@@ -238,12 +238,10 @@ class Sweep:
                                device=c.device, config=asdict(c), timing=timing)
 
     def _reference_tokens(self, model_name, temperature, top_k) -> dict[tuple[str, int], list[int]]:
-        ref = self.gen_store.read()
+        ref = self.gen_store.read_unit(self.gen_key(model_name, self.cfg.reference, temperature, top_k))
         if ref.empty:
             return {}
-        n = max(self.cfg.max_new_tokens)
-        ref = ref[(ref.model == model_name) & (ref.method == self.cfg.reference) & (ref.temperature == temperature)
-                  & (ref.top_k == top_k) & (ref.max_new_tokens == n)]
+        ref = ref[ref.max_new_tokens == max(self.cfg.max_new_tokens)]
         return {(r.prompt_id, int(r["sample"])): [int(t) for t in str(r.tokens).split()] for _, r in ref.iterrows()}
 
     def _generation(self, model_name, method, temperature, top_k, model, tok, ref_model) -> None:

@@ -76,6 +76,7 @@ def test_tiny_sweep_runs_stores_and_resumes(tmp_path, smol_path):
     assert len(gen[(gen.temperature == 0.0)]) == 2 * 4 * 1 * 2
     assert len(gen[(gen.temperature == 1.0)]) == 2 * 4 * 2 * 2
     assert (gen[gen.method == "fp32"].agree_tokens == 1).all()
+    assert gen[gen.method == "nf4"].agree_tokens.between(0, 1).all()  # looked up from the reference unit
     assert gen.ref_nll.notna().any() and gen.first_word_correct.dropna().isin([0, 1]).all()
     # a second Sweep over the same folder finds nothing to do
     assert sweep.Sweep(cfg, tmp_path).pending() == []
