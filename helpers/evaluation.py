@@ -106,3 +106,16 @@ def continuation(model, tokenizer, prompt: str, max_new_tokens: int = 30, temper
     out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                          top_p=None, **sampling)
     return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def scored_bytes(tokenizer, text: str, max_tokens: int | None = None, window: int = 256) -> int:
+    """UTF-8 bytes of the text that :func:`perplexity` scores with the same settings.
+
+    ``total NLL / ln 2 / scored_bytes`` is bits per byte: unlike perplexity per token it does
+    not depend on the tokenizer, so models with different vocabularies can be compared.
+    """
+    ids = tokenizer(text)["input_ids"]
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    return sum(len(tokenizer.decode(win[1:], skip_special_tokens=True).encode("utf-8"))
+               for win in token_windows(ids, window, tokenizer.bos_token_id))

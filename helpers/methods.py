@@ -84,6 +84,13 @@ METHODS: dict[str, Method] = {
     ]
 }
 
+#: One colour per method for every figure: quantized variants of one format share a hue, the
+#: double-quantized (or no-outlier) twin is its lighter shade.
+METHOD_COLORS: dict[str, str] = {
+    "fp32": "#222222", "bf16": "#9467bd", "fp16": "#8c564b", "int8": "#2ca02c", "int8-noout": "#98df8a",
+    "nf4": "#1f77b4", "nf4-dq": "#7fb2de", "fp4": "#d62728", "fp4-dq": "#f4a09c",
+}
+
 #: The methods of the paper, in the order figures use.
 PAPER_METHODS = ("bf16", "fp16", "int8", "nf4", "nf4-dq", "fp4", "fp4-dq")
 
@@ -133,15 +140,23 @@ def quantization_config(method: Method, compute: torch.dtype):
     return None
 
 
-def load(model: str, method: str, device: str = "cpu", compute_dtype: str = "auto"):
+def load(model: str, method: str, device: str = "cpu", compute_dtype: str = "auto",
+         int8_threshold: float | None = None):
     """Load ``model`` quantized with ``method`` on ``device``; return ``(model, tokenizer)``.
 
     ``model`` is an embedded name, a local folder or a Hub id (see :func:`helpers.models.resolve`).
     Bad names fail here, before anything is read. The model is returned in eval mode.
+    ``int8_threshold`` overrides the outlier threshold of an int8 method (notebook 05's sweep).
     """
+    from dataclasses import replace
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     spec = get_method(method)
+    if int8_threshold is not None:
+        if spec.kind != "int8" or not int8_threshold >= 0:
+            raise ValueError(f"int8_threshold needs an int8 method and a value >= 0, got {method!r}, {int8_threshold!r}")
+        spec = replace(spec, int8_threshold=float(int8_threshold))
     device = resolve_device(device)
     dtype = compute_dtype_for(spec, device, compute_dtype)
     path = resolve(model)

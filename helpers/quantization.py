@@ -236,3 +236,47 @@ def storage_report(model: torch.nn.Module) -> StorageReport:
         for b in module.buffers(recurse=False):
             o_bytes += count(b)
     return StorageReport(q_params, q_payload, q_state, o_params, o_bytes)
+
+
+# --------------------------------------------------------------------------- GGUF grids (notebook 06)
+#: Quantization step of the GGUF types the embedded models ship in, per block of 32 weights:
+#: ("absmax", d) -> step = absmax / d (symmetric types); ("range", d) -> step = (max - min) / d
+#: (types with a per-block minimum). K-quants use 32-weight sub-blocks inside 256-weight
+#: super-blocks; their sub-block step is approximated the same way.
+GGUF_STEPS: dict[str, tuple[str, int]] = {
+    "Q4_0": ("absmax", 8), "Q5_0": ("absmax", 16), "Q8_0": ("absmax", 127), "Q6_K": ("absmax", 32),
+    "Q3_K": ("absmax", 4), "Q4_1": ("range", 15), "Q5_1": ("range", 31), "Q2_K": ("range", 3),
+    "Q4_K": ("range", 15), "Q5_K": ("range", 31),
+}
+
+
+def gguf_step(weight: torch.Tensor, gguf_type: str, block: int = 32) -> torch.Tensor:
+    """Per-block quantization step of ``gguf_type`` for ``weight``, one value per weight."""
+    if gguf_type not in GGUF_STEPS:
+        raise ValueError(f"no step rule for GGUF type {gguf_type!r}; known: {', '.join(GGUF_STEPS)}")
+    kind, d = GGUF_STEPS[gguf_type]
+    w = weight.detach().float().reshape(-1)
+    if w.numel() % block:
+        raise ValueError(f"{w.numel()} weights do not split into blocks of {block}")
+    b = w.reshape(-1, block)
+    step = b.abs().amax(1) / d if kind == "absmax" else (b.amax(1) - b.amin(1)) / d
+    return step.repeat_interleave(block).reshape(weight.shape)
+
+
+def off_grid(weight: torch.Tensor, gguf_type: str, generator: torch.Generator, block: int = 32) -> torch.Tensor:
+    """``weight`` plus uniform noise of +-step/2 of its GGUF grid: weights of the same error size
+    as the GGUF quantization that produced them, but no longer on its grid."""
+    step = gguf_step(weight, gguf_type, block)
+    noise = (torch.rand(weight.shape, generator=generator) - 0.5) * step
+    return (weight.detach().float() + noise).to(weight.dtype)
+
+
+def total_bits(quantized_payload_bytes: int, quant_state_bytes: int, other_params: int, other_bits: int | None = None,
+               other_bytes: int | None = None) -> int:
+    """Total model bits: quantized payload + quantization state + the unquantized parameters,
+    either as stored (``other_bytes``) or as if held at ``other_bits`` each (e.g. 16, as deployed
+    on a GPU where the non-quantized layers are bf16)."""
+    if (other_bits is None) == (other_bytes is None):
+        raise ValueError("give exactly one of other_bits and other_bytes")
+    other = other_bytes * 8 if other_bytes is not None else other_params * other_bits
+    return 8 * (quantized_payload_bytes + quant_state_bytes) + other

@@ -1,4 +1,4 @@
-"""Thread control, quiet logging and machine-load readings.
+"""Thread control, quiet logging, machine-load readings and a synchronized timer.
 
 Timings on a shared 2-core machine are only comparable when the thread count and the
 OpenMP wait policy are fixed and recorded (REFERENCE: with another busy process, default
@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import warnings
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 def configure_threads(num_threads: int) -> dict[str, Any]:
@@ -81,3 +84,13 @@ def synchronize(device: str) -> None:
     """Wait for queued GPU work before reading a timer or a memory counter (no-op on CPU)."""
     if device.startswith("cuda"):
         torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], T], device: str = "cpu") -> tuple[float, T]:
+    """``(seconds, fn())``: wall time of one call, with queued GPU work finished on both sides
+    (so the GPU's asynchronous execution is not mistaken for speed)."""
+    synchronize(device)
+    t0 = time.perf_counter()
+    result = fn()
+    synchronize(device)
+    return time.perf_counter() - t0, result

@@ -65,6 +65,10 @@ class ResultStore:
         """One finished unit's rows (empty if the unit is not stored)."""
         return load_table(self.path(key))[0] if self.done(key) else pd.DataFrame()
 
+    def metadata(self) -> list[dict[str, Any]]:
+        """The provenance of every finished unit (its key, timing, machine...), in file order."""
+        return [json.loads(sidecar(p).read_text()) for p in sorted(self.folder.glob("*.csv")) if sidecar(p).exists()]
+
     def read(self) -> pd.DataFrame:
         """All finished units as one table (empty if none). Raises if two files share a key."""
         for tmp in self.folder.glob("*.tmp"):

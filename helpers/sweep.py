@@ -35,6 +35,20 @@ from .store import ResultStore
 PROMPT_COLUMNS = ("id", "kind", "category", "prompt", "answer")
 
 
+def code_digest() -> str:
+    """Hash of the code that computes a unit's rows (this file and sampling.py).
+
+    It is part of every unit key, so units stored by an older version of the measures are not
+    silently mixed with new ones: after a change they are recomputed.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    for mod in (sampling.__file__, __file__):
+        h.update(Path(mod).read_bytes())
+    return h.hexdigest()[:10]
+
+
 def read_prompts(path: str | Path) -> pd.DataFrame:
     """Read a prompts CSV (id, kind, category, prompt, answer) and check it.
 
@@ -152,21 +166,21 @@ class Sweep:
         if progress is None:
             from tqdm.auto import tqdm as progress
         self.progress = progress  # called as progress(total=..., desc=...), like tqdm
-        self.timings: list[dict[str, Any]] = []
+        self.code = code_digest()
 
     # unit keys: every setting that changes the unit's rows
     def exact_key(self, model: str, method: str) -> dict[str, Any]:
         c = self.cfg
         return {"model": model, "method": method, "reference": c.reference, "compute_dtype": c.compute_dtype,
                 "device": c.device.split(":")[0], "prompts": self.digest, "temperatures": c.exact_temperatures,
-                "top_ks": c.exact_top_ks}
+                "top_ks": c.exact_top_ks, "code": self.code}
 
     def gen_key(self, model: str, method: str, temperature: float, top_k: int) -> dict[str, Any]:
         c = self.cfg
         return {"model": model, "method": method, "temperature": temperature, "top_k": top_k,
                 "reference": c.reference, "compute_dtype": c.compute_dtype, "device": c.device.split(":")[0],
                 "prompts": self.digest, "prompts_per_kind": c.gen_prompts_per_kind, "n_seeds": c.n_seeds,
-                "base_seed": c.base_seed, "max_new_tokens": c.max_new_tokens}
+                "base_seed": c.base_seed, "max_new_tokens": c.max_new_tokens, "code": self.code}
 
     def pending(self) -> list[tuple]:
         """Units still to compute, in the order they will run."""
@@ -180,6 +194,23 @@ class Sweep:
                         if not self.gen_store.done(self.gen_key(model, method, t, k)):
                             todo.append(("gen", model, method, t, k))
         return todo
+
+    def collect(self) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """``(next_token, generations)``: the rows of this configuration's stored units only
+        (a store folder may also hold other profiles' units, or units of older code)."""
+        c = self.cfg
+        exact = [self.exact_store.read_unit(self.exact_key(m, x)) for m in c.models for x in c.ordered_methods]
+        gen = [self.gen_store.read_unit(self.gen_key(m, x, t, k)) for m in c.models for x in c.ordered_methods
+               for t in c.gen_temperatures for k in c.gen_top_ks]
+        return pd.concat(exact, ignore_index=True), pd.concat(gen, ignore_index=True)
+
+    def timings(self) -> pd.DataFrame:
+        """Timing of every stored unit (read back from the units' provenance, so units computed
+        by an earlier, interrupted run are included): one row per unit, ``unit`` = exact | gen."""
+        rows = [{"unit": unit, **meta["timing"]}
+                for unit, store in (("exact", self.exact_store), ("gen", self.gen_store))
+                for meta in store.metadata() if meta.get("unit_key", {}).get("code") == self.code]
+        return pd.DataFrame(rows)
 
     def run(self) -> None:
         """Compute every pending unit; each is stored the moment it is finished."""
@@ -227,13 +258,17 @@ class Sweep:
         rows = sampling.next_token_measures(ref_logits, logits, c.exact_temperatures, c.exact_top_ks, answers)
         measures_s = time.perf_counter() - t0
         df = pd.DataFrame(rows)
+        # a prompt whose logits overflowed (fp16) has no meaningful distribution: NaN, flagged
+        finite = torch.isfinite(logits).all(-1).numpy()[df.prompt_index.to_numpy()]
+        df["top1_agree"] = df.top1_agree.astype(float)
+        df.loc[~finite, ["tv", "kl", "top1_agree", "entropy", "p_answer"]] = float("nan")
+        df["finite"] = finite
         df.insert(0, "prompt_id", self.prompts.id.to_numpy()[df.prompt_index])
         df.insert(1, "kind", self.prompts.kind.to_numpy()[df.prompt_index])
         df = df.drop(columns="prompt_index")
         timing = {"model": model_name, "method": method, "prompts": len(prompts), "forward_s": forward_s,
                   "measures_s": measures_s, "grid_points": len(c.exact_temperatures) * len(c.exact_top_ks),
                   "vocab": logits.shape[1], "load_average": machine_load()}
-        self.timings.append(timing)
         self.exact_store.write(self.exact_key(model_name, method), df, notebook="02_sampling_sweep",
                                device=c.device, config=asdict(c), timing=timing)
 
@@ -255,13 +290,15 @@ class Sweep:
         gen = sampling.generate(model, tok, [r.prompt for r, _ in jobs], seeds, temperature, top_k, longest, c.batch_size)
         synchronize(c.device)
         gen_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
         nll = sampling.reference_nll(ref_model, gen.prompt_ids, gen.tokens)
+        ref_s = time.perf_counter() - t0
         ref_tokens = gen.tokens.tolist() if method == c.reference else None
         ref_lookup = {} if ref_tokens is not None else self._reference_tokens(model_name, temperature, top_k)
         eos = {t for t in [tok.eos_token_id, getattr(tok, "pad_token_id", None)] if t is not None}
         rows = []
         for i, (r, s) in enumerate(jobs):
-            full = gen.tokens[i].tolist()
+            full, finite = gen.tokens[i].tolist(), bool(gen.finite[i])
             ref_full = ref_tokens[i] if ref_tokens is not None else ref_lookup.get((r.id, s))
             for n in c.max_new_tokens:
                 toks = full[:n]
@@ -275,7 +312,7 @@ class Sweep:
                        "first_word_correct": (float(sampling.first_word(text) == r.answer.strip().lower())
                                               if r.kind == "cloze" else float("nan")),
                        "tokens": " ".join(map(str, toks)),
-                       "text": text if n == longest else ""}
+                       "text": text if n == longest else "", "finite": finite}
                 if ref_full is not None:
                     ref_n = ref_full[:n]
                     same = [a == b for a, b in zip(toks, ref_n)]
@@ -283,10 +320,14 @@ class Sweep:
                     row["agree_prefix"] = (same.index(False) if False in same else n) / n
                 else:
                     row["agree_tokens"] = row["agree_prefix"] = float("nan")
+                if not finite:  # tokens drawn from overflowed logits: keep the row, not its scores
+                    for name in ("ref_nll", "distinct_1", "distinct_2", "repetition", "first_word_correct",
+                                 "agree_tokens", "agree_prefix"):
+                        row[name] = float("nan")
                 rows.append(row)
         timing = {"model": model_name, "method": method, "temperature": temperature, "top_k": top_k,
-                  "sequences": len(jobs), "new_tokens": longest, "generate_s": gen_s, "load_average": machine_load()}
-        self.timings.append(timing)
+                  "sequences": len(jobs), "new_tokens": longest, "generate_s": gen_s, "reference_s": ref_s,
+                  "load_average": machine_load()}
         self.gen_store.write(self.gen_key(model_name, method, temperature, top_k), pd.DataFrame(rows),
                              notebook="02_sampling_sweep", device=c.device, config=asdict(c), timing=timing)
 

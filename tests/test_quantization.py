@@ -133,3 +133,26 @@ def test_storage_report_int8_and_fp32(loaded):
     rep = qz.storage_report(int8)
     assert rep.total_params == ref.total_params
     assert 8 < rep.bits_per_quantized_parameter < 8.06  # 8 + 32/in_features, in_features >= 576
+
+
+def test_gguf_step_and_off_grid_noise_by_hand():
+    w = torch.tensor([[0.0, 1.5, -3.0, 0.75] * 8])  # one block of 32: absmax 3, range 4.5
+    assert qz.gguf_step(w, "Q8_0")[0, 0].item() == pytest.approx(3 / 127)
+    assert qz.gguf_step(w, "Q4_1")[0, 0].item() == pytest.approx(4.5 / 15)
+    g = torch.Generator().manual_seed(0)
+    big = torch.randn(64, 64)
+    moved = qz.off_grid(big, "Q4_1", g) - big
+    step = qz.gguf_step(big, "Q4_1")
+    assert (moved.abs() <= step / 2 + 1e-7).all()
+    assert (moved.abs() / step).mean().item() == pytest.approx(0.25, abs=0.02)  # uniform on +-1/2 step
+    with pytest.raises(ValueError, match="GGUF type"):
+        qz.gguf_step(w, "IQ2_XS")
+    with pytest.raises(ValueError, match="blocks"):
+        qz.gguf_step(torch.ones(3, 5), "Q8_0")
+
+
+def test_total_bits_by_hand():
+    assert qz.total_bits(100, 10, 50, other_bits=16) == 8 * 110 + 800
+    assert qz.total_bits(100, 10, 50, other_bytes=200) == 8 * 110 + 1600
+    with pytest.raises(ValueError):
+        qz.total_bits(1, 1, 1)

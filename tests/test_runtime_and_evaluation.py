@@ -102,3 +102,20 @@ def test_non_finite_logits_are_reported_not_sampled(loaded, monkeypatch):
     finally:
         with torch.no_grad():
             model.lm_head.weight[0, 0] = 0.0
+
+
+@pytest.mark.models
+def test_scored_bytes_cover_the_scored_text(loaded):
+    _, tok = loaded("fp32")
+    text = "The quick brown fox jumps over the lazy dog. " * 20
+    ids = tok(text)["input_ids"]
+    one_window = evaluation.scored_bytes(tok, text, max_tokens=len(ids), window=len(ids) + 1)
+    # one window: everything but the first token (context only) is scored
+    assert one_window == len(text.encode()) - len(tok.decode(ids[:1]).encode())
+    # more windows: each window's first token is context, so fewer bytes are scored
+    assert evaluation.scored_bytes(tok, text, max_tokens=len(ids), window=16) < one_window
+
+
+def test_timed_returns_seconds_and_result():
+    seconds, value = runtime.timed(lambda: sum(range(1000)))
+    assert value == 499500 and seconds >= 0

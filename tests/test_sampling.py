@@ -140,3 +140,30 @@ def test_reference_nll_matches_a_plain_forward(loaded):
             logp = torch.log_softmax(model(ids).logits[0, -7:-1].float(), -1)
         expected = -logp.gather(1, gen.tokens[i][:, None]).squeeze(1)
         assert torch.allclose(nll[i], expected, atol=1e-4)
+
+
+class _Overflowing(torch.nn.Module):
+    """A real model whose logits for batch row ``row`` become inf from forward call ``at`` on,
+    as fp16 logits do when the residual stream overflows."""
+
+    def __init__(self, model, row: int, at: int):
+        super().__init__()
+        self.model, self.row, self.at, self.calls = model, row, at, 0
+
+    def forward(self, **kwargs):
+        out = self.model(**kwargs)
+        self.calls += 1
+        if self.calls > self.at:
+            out.logits[self.row] = float("inf")
+        return out
+
+
+@pytest.mark.models
+def test_generation_flags_rows_whose_logits_overflowed(loaded):
+    model, tok = loaded("fp32")
+    prompts = ["Hello there", "The capital of France is", "1, 2, 3,"]
+    gen = sampling.generate(_Overflowing(model, row=1, at=3), tok, prompts, [1, 2, 3], 0.8, 0, 6)
+    assert gen.finite.tolist() == [True, False, True]
+    assert gen.tokens.shape == (3, 6)  # no crash, fixed length kept
+    clean = sampling.generate(model, tok, prompts, [1, 2, 3], 0.8, 0, 6)
+    assert clean.finite.all() and torch.equal(clean.tokens[[0, 2]], gen.tokens[[0, 2]])

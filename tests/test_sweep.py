@@ -78,5 +78,12 @@ def test_tiny_sweep_runs_stores_and_resumes(tmp_path, smol_path):
     assert (gen[gen.method == "fp32"].agree_tokens == 1).all()
     assert gen[gen.method == "nf4"].agree_tokens.between(0, 1).all()  # looked up from the reference unit
     assert gen.ref_nll.notna().any() and gen.first_word_correct.dropna().isin([0, 1]).all()
+    assert gen.finite.all() and exact.finite.all()
+    mine = run.collect()
+    assert len(mine[0]) == len(exact) and len(mine[1]) == len(gen)
+    # timings are read back from the stored units: one per unit, with positive durations
+    timings = run.timings()
+    assert sorted(timings.unit.value_counts().items()) == [("exact", 2), ("gen", 4)]
+    assert (timings.forward_s.dropna() > 0).all() and (timings.generate_s.dropna() > 0).all()
     # a second Sweep over the same folder finds nothing to do
     assert sweep.Sweep(cfg, tmp_path).pending() == []

@@ -1,0 +1,71 @@
+"""Paired bootstrap comparisons and verdicts (helpers.analysis) on hand-computed cases."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from helpers import analysis
+
+
+def test_bootstrap_of_column_means_matches_the_plain_estimate_and_covers_it():
+    x = np.array([[1.0, 2.0], [3.0, 2.0], [5.0, 2.0], [7.0, 2.0]])
+    est, lo, hi = analysis.bootstrap_ci_of(x, lambda m: m[..., 0] / m[..., 1], n_boot=2000)
+    assert est == pytest.approx(2.0)  # mean 4 / mean 2
+    assert 0.5 <= lo < est < hi <= 3.5  # resampled means of column 0 lie in [1, 7]
+    # identical rows: no spread at all
+    est, lo, hi = analysis.bootstrap_ci_of(np.ones((5, 2)), lambda m: m[..., 0] - m[..., 1])
+    assert (est, lo, hi) == (0.0, 0.0, 0.0)
+
+
+def test_pairing_shrinks_the_interval_of_a_difference():
+    rng = np.random.default_rng(0)
+    base = rng.normal(0, 10, 200)  # large spread between prompts
+    x = np.stack([base + 1.0 + rng.normal(0, 0.1, 200), base], axis=1)
+    est, lo, hi = analysis.bootstrap_ci_of(x, lambda m: m[..., 0] - m[..., 1])
+    assert est == pytest.approx(1.0, abs=0.05) and lo > 0.9 and hi < 1.1
+
+
+@pytest.mark.parametrize("bad", [np.ones(3), np.ones((0, 2))])
+def test_bootstrap_rejects_bad_shapes(bad):
+    with pytest.raises(ValueError, match="2-D"):
+        analysis.bootstrap_ci_of(bad, lambda m: m[..., 0])
+
+
+def _rows(q_low, q_high, ref_low=0.8, ref_high=0.4, prompts=4):
+    rows = []
+    for p in range(prompts):
+        for T, q, r in ((0.2, q_low, ref_low), (0.4, q_low, ref_low), (1.5, q_high, ref_high)):
+            rows.append({"prompt_id": f"p{p}", "temperature": T, "p_answer": q, "ref_p_answer": r})
+    return pd.DataFrame(rows)
+
+
+def test_sensitivity_index_by_hand():
+    # low band: 0.6 vs 0.8 -> R = 0.25; high band: 0.36 vs 0.4 -> R = 0.1; index 0.15
+    res = analysis.sensitivity_index(_rows(0.6, 0.36), low=[0.0, 0.5], high=[1.0, 2.0])
+    assert res["R_low_band"] == pytest.approx(0.25) and res["R_high_band"] == pytest.approx(0.1)
+    assert res["index"] == pytest.approx(0.15) and res["prompts"] == 4
+    # same relative loss everywhere: index 0 although the absolute loss is 4x larger at low T
+    res = analysis.sensitivity_index(_rows(0.6, 0.3), low=[0.0, 0.5], high=[1.0, 2.0])
+    assert res["index"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_band_means_rejects_empty_and_reversed_bands():
+    df = _rows(0.5, 0.5)
+    with pytest.raises(ValueError, match="no rows"):
+        analysis.band_means(df, "p_answer", [0.6, 0.9])
+    with pytest.raises(ValueError, match="low, high"):
+        analysis.band_means(df, "p_answer", [1.0, 0.5])
+
+
+def test_verdicts():
+    assert analysis.sign_verdict(0.01, 0.2) == "holds"
+    assert analysis.sign_verdict(-0.2, -0.01) == "does not hold"
+    assert analysis.sign_verdict(-0.1, 0.1) == "inconclusive"
+    assert analysis.equivalence_verdict(-0.01, 0.02, margin=0.05) == "holds"
+    assert analysis.equivalence_verdict(0.06, 0.2, margin=0.05) == "does not hold"
+    assert analysis.equivalence_verdict(0.01, 0.2, margin=0.05) == "inconclusive"
+    assert analysis.combine_verdicts(["holds", "holds"]) == "holds"
+    assert analysis.combine_verdicts(["holds", "does not hold"]) == "inconclusive"
+    assert analysis.combine_verdicts(["inconclusive", "does not hold"]) == "does not hold"
+    with pytest.raises(ValueError):
+        analysis.combine_verdicts(["maybe"])

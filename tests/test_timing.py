@@ -1,0 +1,77 @@
+"""Timing and memory helpers (helpers.timing) on synthetic workloads; no timed assertions."""
+
+import time
+
+import pytest
+import torch
+
+from helpers import timing
+
+
+def test_generation_timing_arithmetic():
+    t = timing.GenerationTiming(new_tokens=5, batch=1, ttft_s=0.5, total_s=1.3, step_s=[0.1, 0.2, 0.2, 0.3])
+    assert t.decode_tokens_per_s == pytest.approx(4 / 0.8)
+    assert t.decode_tokens_per_s_at(3) == pytest.approx(2 / 0.3)
+    with pytest.raises(ValueError):
+        t.decode_tokens_per_s_at(1)
+
+
+@pytest.mark.parametrize("kwargs, pattern", [
+    (dict(batch_sizes=[], max_new_tokens=[16], repeats=5, warmup=1), "batch_sizes"),
+    (dict(batch_sizes=[1], max_new_tokens=[0], repeats=5, warmup=1), "max_new_tokens"),
+    (dict(batch_sizes=[1], max_new_tokens=[1], repeats=5, warmup=1), "prefill"),
+    (dict(batch_sizes=[1], max_new_tokens=[16], repeats=0, warmup=1), "repeats"),
+    (dict(batch_sizes=[1], max_new_tokens=[16], repeats=5, warmup=-1), "warmup"),
+])
+def test_bad_benchmark_settings_fail_in_one_line(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern) as err:
+        timing.validate(**kwargs)
+    assert "\n" not in str(err.value)
+
+
+def test_repeat_discards_warmup_and_records_load():
+    calls = []
+    out = timing.repeat(lambda: calls.append(1) or len(calls), repeats=3, warmup=2)
+    assert [v for v, _ in out] == [3, 4, 5] and all(load >= 0 for _, load in out)
+    assert timing.median_spread([3.0, 1.0, 2.0]) == (2.0, 1.0, 3.0)
+
+
+def test_peak_rss_sees_a_synthetic_allocation_and_can_be_reset():
+    timing.reset_peak_rss()
+    before = timing.rss_mib("VmHWM")
+    x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    x += 1
+    peak = timing.rss_mib("VmHWM")
+    assert peak - before > 50
+    del x
+    if timing.reset_peak_rss():  # Linux: the high-water mark falls back to the current RSS
+        assert timing.rss_mib("VmHWM") < peak - 50
+
+
+def test_bandwidth_is_positive_and_bytes_per_token_by_hand():
+    bw = timing.memory_bandwidth(size_mib=16, repeats=1)
+    assert bw["read_GBps"] > 0 and bw["copy_GBps"] > 0
+    # tied: the output head reads the whole table; untied: one embedding row is negligible
+    assert timing.bytes_per_token(1000, 300, tied_embeddings=True, kv_bytes=10) == 1010
+    assert timing.bytes_per_token(1000, 300, tied_embeddings=False, kv_bytes=10) == 710
+    with pytest.raises(ValueError):
+        timing.bytes_per_token(100, 300, tied_embeddings=False, kv_bytes=0)
+
+
+class _Cfg:
+    num_hidden_layers, num_attention_heads, num_key_value_heads, hidden_size, head_dim = 2, 4, 2, 64, 16
+
+
+def test_kv_cache_bytes_by_hand():
+    # 2 (K and V) x 2 layers x 2 kv heads x 16 dims x 10 tokens x 2 bytes
+    assert timing.kv_cache_bytes(_Cfg(), 10, 2) == 2 * 2 * 2 * 16 * 10 * 2
+
+
+@pytest.mark.models
+def test_timed_generate_is_fixed_length_and_steps_add_up(loaded):
+    model, tok = loaded("fp32")
+    inputs = tok(["Hello there", "The capital of France is"], return_tensors="pt", padding=True)
+    t = timing.timed_generate(model, inputs, tok, 6)
+    assert t.new_tokens == 6 and t.batch == 2 and len(t.step_s) == 5
+    assert 0 < t.ttft_s < t.total_s
+    assert t.ttft_s + sum(t.step_s) == pytest.approx(t.total_s, rel=0.2)
