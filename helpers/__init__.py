@@ -12,7 +12,10 @@ One module per concern; notebooks import what they need:
 - :mod:`helpers.sweep`         the sampling sweep of notebook 02, cut into resumable units
 - :mod:`helpers.store`         append-only results store that survives SIGKILL
 - :mod:`helpers.stats`         block-bootstrap confidence intervals
-- :mod:`helpers.runtime`       thread control, quiet logging, machine load
+- :mod:`helpers.analysis`      paired method-vs-reference comparisons over prompts, verdicts (notebook 04)
+- :mod:`helpers.timing`        speed and memory measurement, bandwidth and bytes per token (notebook 03)
+- :mod:`helpers.outliers`      LLM.int8() outlier features from recorded activations (notebook 05)
+- :mod:`helpers.runtime`       thread control, quiet logging, machine load, a synchronized timer
 - :mod:`helpers.provenance`    data files with their provenance sidecar
 - :mod:`helpers.runner`        executes the numbered notebooks with papermill
 """

@@ -19,6 +19,8 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
+from .stats import bootstrap_ci
+
 VERDICTS = ("holds", "does not hold", "inconclusive")
 
 
@@ -40,6 +42,24 @@ def bootstrap_ci_of(values: np.ndarray, statistic: Callable[[np.ndarray], np.nda
     alpha = (1 - level) / 2
     low, high = np.nanquantile(reps, [alpha, 1 - alpha])
     return float(statistic(x.mean(axis=0))), float(low), float(high)
+
+
+def mean_ci_by(df: pd.DataFrame, by: Sequence[str], value: str, n_boot: int = 1000, seed: int = 0,
+               unit: str = "prompt_id") -> pd.DataFrame:
+    """Mean of ``value`` per group with a bootstrap interval, the ``unit`` (prompt) as the
+    resampled unit: rows of one prompt (several samples, say) are averaged first.
+
+    Returns the ``by`` columns plus ``mean``, ``low``, ``high`` and ``prompts``; groups with no
+    non-missing value are left out.
+    """
+    rows = []
+    for key, g in df.groupby(list(by)):
+        per_unit = g.groupby(unit)[value].mean().dropna().to_numpy()
+        if len(per_unit) == 0:
+            continue
+        m, lo, hi = bootstrap_ci(per_unit, n_boot=n_boot, seed=seed)
+        rows.append({**dict(zip(by, key)), "mean": m, "low": lo, "high": hi, "prompts": len(per_unit)})
+    return pd.DataFrame(rows)
 
 
 def relative_degradation(q_method: np.ndarray, q_reference: np.ndarray) -> np.ndarray:

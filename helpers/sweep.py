@@ -18,7 +18,7 @@ agree with.
 
 from __future__ import annotations
 
-import time
+import hashlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -29,7 +29,7 @@ import torch
 from . import methods as registry
 from . import models as zoo
 from . import sampling
-from .runtime import machine_load, resolve_device, synchronize
+from .runtime import machine_load, resolve_device, timed
 from .store import ResultStore
 
 PROMPT_COLUMNS = ("id", "kind", "category", "prompt", "answer")
@@ -41,8 +41,6 @@ def code_digest() -> str:
     It is part of every unit key, so units stored by an older version of the measures are not
     silently mixed with new ones: after a change they are recomputed.
     """
-    import hashlib
-
     h = hashlib.sha256()
     for mod in (sampling.__file__, __file__):
         h.update(Path(mod).read_bytes())
@@ -146,8 +144,6 @@ class SweepConfig:
 
 
 def _prompts_digest(prompts: pd.DataFrame) -> str:
-    import hashlib
-
     return hashlib.sha256(prompts.to_csv(index=False).encode()).hexdigest()[:12]
 
 
@@ -248,15 +244,10 @@ class Sweep:
     def _exact(self, model_name, method, model, tok, ref_logits) -> None:
         c = self.cfg
         prompts = list(self.prompts.prompt)
-        synchronize(c.device)
-        t0 = time.perf_counter()
-        logits = last_token_logits(model, tok, prompts)
-        synchronize(c.device)
-        forward_s = time.perf_counter() - t0
+        forward_s, logits = timed(lambda: last_token_logits(model, tok, prompts), c.device)
         answers = answer_token_ids(tok, list(self.prompts.answer))
-        t0 = time.perf_counter()
-        rows = sampling.next_token_measures(ref_logits, logits, c.exact_temperatures, c.exact_top_ks, answers)
-        measures_s = time.perf_counter() - t0
+        measures_s, rows = timed(lambda: sampling.next_token_measures(ref_logits, logits, c.exact_temperatures,
+                                                                      c.exact_top_ks, answers))
         df = pd.DataFrame(rows)
         # a prompt whose logits overflowed (fp16) has no meaningful distribution: NaN, flagged
         finite = torch.isfinite(logits).all(-1).numpy()[df.prompt_index.to_numpy()]
@@ -285,14 +276,9 @@ class Sweep:
         jobs = [(r, s) for _, r in self.gen_prompts.iterrows() for s in range(n_samples)]
         seeds = [sampling.sequence_seed(r.id, s, c.base_seed) for r, s in jobs]
         longest = max(c.max_new_tokens)
-        synchronize(c.device)
-        t0 = time.perf_counter()
-        gen = sampling.generate(model, tok, [r.prompt for r, _ in jobs], seeds, temperature, top_k, longest, c.batch_size)
-        synchronize(c.device)
-        gen_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        nll = sampling.reference_nll(ref_model, gen.prompt_ids, gen.tokens)
-        ref_s = time.perf_counter() - t0
+        gen_s, gen = timed(lambda: sampling.generate(model, tok, [r.prompt for r, _ in jobs], seeds, temperature,
+                                                     top_k, longest, c.batch_size), c.device)
+        ref_s, nll = timed(lambda: sampling.reference_nll(ref_model, gen.prompt_ids, gen.tokens), c.device)
         ref_tokens = gen.tokens.tolist() if method == c.reference else None
         ref_lookup = {} if ref_tokens is not None else self._reference_tokens(model_name, temperature, top_k)
         eos = {t for t in [tok.eos_token_id, getattr(tok, "pad_token_id", None)] if t is not None}

@@ -19,7 +19,6 @@
 
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any, Callable
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from .runtime import machine_load, synchronize
+from .runtime import machine_load, synchronize, timed
 
 
 class StepClock(StoppingCriteria):
@@ -65,11 +64,12 @@ class GenerationTiming:
         """Tokens per second per sequence after the first token."""
         return (self.new_tokens - 1) / max(self.total_s - self.ttft_s, 1e-12)
 
-    def decode_tokens_per_s_at(self, n: int) -> float:
-        """Decode speed of the first ``n`` tokens (n >= 2) of this run."""
-        if not 2 <= n <= self.new_tokens:
-            raise ValueError(f"n must be in [2, {self.new_tokens}], got {n}")
-        return (n - 1) / max(sum(self.step_s[: n - 1]), 1e-12)
+    def e2e_tokens_per_s_at(self, n: int) -> float:
+        """End-to-end tokens/s (prefill included) of an ``n``-token generation: the first ``n``
+        steps of a longer greedy run are the same work as a run of ``n`` tokens."""
+        if not 1 <= n <= self.new_tokens:
+            raise ValueError(f"n must be in [1, {self.new_tokens}], got {n}")
+        return n / max(self.ttft_s + sum(self.step_s[: n - 1]), 1e-12)
 
 
 def validate(batch_sizes: list[int], max_new_tokens: list[int], repeats: int, warmup: int) -> None:
@@ -120,13 +120,6 @@ def repeat(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> list[Any]:
         load = machine_load()
         out.append((fn(), load))
     return out
-
-
-def median_spread(values: list[float]) -> tuple[float, float, float]:
-    """(median, min, max) of repeated measurements."""
-    if not values:
-        raise ValueError("no measurements")
-    return statistics.median(values), min(values), max(values)
 
 
 # --------------------------------------------------------------------------- memory
@@ -187,16 +180,10 @@ def memory_bandwidth(size_mib: int = 256, repeats: int = 5, device: str = "cpu")
     y = torch.empty_like(x)
     best = {"read_GBps": 0.0, "copy_GBps": 0.0}
     for _ in range(repeats + 1):  # the first round is warm-up (page faults)
-        synchronize(device)
-        t0 = time.perf_counter()
-        x.sum()
-        synchronize(device)
-        t1 = time.perf_counter()
-        y.copy_(x)
-        synchronize(device)
-        t2 = time.perf_counter()
-        best["read_GBps"] = max(best["read_GBps"], x.nbytes / (t1 - t0) / 1e9)
-        best["copy_GBps"] = max(best["copy_GBps"], 2 * x.nbytes / (t2 - t1) / 1e9)
+        read_s, _ = timed(x.sum, device)
+        copy_s, _ = timed(lambda: y.copy_(x), device)
+        best["read_GBps"] = max(best["read_GBps"], x.nbytes / read_s / 1e9)
+        best["copy_GBps"] = max(best["copy_GBps"], 2 * x.nbytes / copy_s / 1e9)
     return best
 
 

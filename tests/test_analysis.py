@@ -69,3 +69,14 @@ def test_verdicts():
     assert analysis.combine_verdicts(["inconclusive", "does not hold"]) == "does not hold"
     with pytest.raises(ValueError):
         analysis.combine_verdicts(["maybe"])
+
+
+def test_mean_ci_by_averages_samples_of_a_prompt_first():
+    df = pd.DataFrame({"method": ["a"] * 4 + ["b"] * 2 + ["c"],
+                       "prompt_id": ["p0", "p0", "p0", "p1", "p0", "p1", "p0"],
+                       "v": [1.0, 2.0, 3.0, 10.0, 5.0, 5.0, np.nan]})
+    t = analysis.mean_ci_by(df, ["method"], "v", n_boot=200).set_index("method")
+    assert t.loc["a", "mean"] == pytest.approx((2.0 + 10.0) / 2)  # p0's three samples count once
+    assert t.loc["a", "prompts"] == 2 and t.loc["a", "low"] >= 2.0 and t.loc["a", "high"] <= 10.0
+    assert (t.loc["b", ["mean", "low", "high"]] == 5.0).all()
+    assert "c" not in t.index  # no value at all: left out

@@ -11,9 +11,13 @@ from helpers import timing
 def test_generation_timing_arithmetic():
     t = timing.GenerationTiming(new_tokens=5, batch=1, ttft_s=0.5, total_s=1.3, step_s=[0.1, 0.2, 0.2, 0.3])
     assert t.decode_tokens_per_s == pytest.approx(4 / 0.8)
-    assert t.decode_tokens_per_s_at(3) == pytest.approx(2 / 0.3)
-    with pytest.raises(ValueError):
-        t.decode_tokens_per_s_at(1)
+    # a 3-token generation: prefill + first token, then two steps
+    assert t.e2e_tokens_per_s_at(3) == pytest.approx(3 / (0.5 + 0.1 + 0.2))
+    assert t.e2e_tokens_per_s_at(1) == pytest.approx(1 / 0.5)
+    assert t.e2e_tokens_per_s_at(5) == pytest.approx(5 / t.total_s)  # the whole run
+    for bad in (0, 6):
+        with pytest.raises(ValueError):
+            t.e2e_tokens_per_s_at(bad)
 
 
 @pytest.mark.parametrize("kwargs, pattern", [
@@ -33,7 +37,6 @@ def test_repeat_discards_warmup_and_records_load():
     calls = []
     out = timing.repeat(lambda: calls.append(1) or len(calls), repeats=3, warmup=2)
     assert [v for v, _ in out] == [3, 4, 5] and all(load >= 0 for _, load in out)
-    assert timing.median_spread([3.0, 1.0, 2.0]) == (2.0, 1.0, 3.0)
 
 
 def test_peak_rss_sees_a_synthetic_allocation_and_can_be_reset():
