@@ -29,6 +29,7 @@ compute is the fair CPU setting; pass ``compute_dtype="bfloat16"`` to reproduce 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -140,6 +141,26 @@ def quantization_config(method: Method, compute: torch.dtype):
     return None
 
 
+def load_tokenizer(model: str):
+    """The tokenizer of ``model`` (embedded name, folder or Hub id), read once per process.
+
+    Reading Gemma-3's 262k-entry ``tokenizer.json`` takes ~4 s, more than loading and quantizing
+    its weights, and notebooks load each model once per method, so every method shares one.
+    Nothing in the compendium modifies a tokenizer after its pad token is set here.
+    """
+    return _tokenizer(str(resolve(model)))
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load(model: str, method: str, device: str = "cpu", compute_dtype: str = "auto",
          int8_threshold: float | None = None):
     """Load ``model`` quantized with ``method`` on ``device``; return ``(model, tokenizer)``.
@@ -150,7 +171,7 @@ def load(model: str, method: str, device: str = "cpu", compute_dtype: str = "aut
     """
     from dataclasses import replace
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     spec = get_method(method)
     if int8_threshold is not None:
@@ -160,9 +181,7 @@ def load(model: str, method: str, device: str = "cpu", compute_dtype: str = "aut
     device = resolve_device(device)
     dtype = compute_dtype_for(spec, device, compute_dtype)
     path = resolve(model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = _tokenizer(str(path))  # see load_tokenizer
     net = AutoModelForCausalLM.from_pretrained(
         path,
         dtype=dtype,

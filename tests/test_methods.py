@@ -100,3 +100,11 @@ def test_each_method_yields_expected_layers(method, loaded):
     if spec.quantized:
         assert "model.embed_tokens" in unq and not any(".mlp." in n or ".self_attn." in n and "proj" in n for n in unq)
     assert tokenizer.pad_token is not None
+
+
+@pytest.mark.models
+def test_every_method_shares_one_tokenizer_per_model(loaded):
+    _, tok_fp32 = loaded("fp32")
+    _, tok_nf4 = loaded("nf4")
+    assert tok_fp32 is tok_nf4 is methods.load_tokenizer("smollm2-135m")
+    assert tok_fp32.pad_token is not None

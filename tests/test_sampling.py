@@ -76,6 +76,28 @@ def test_exact_measures_match_a_sampled_estimate(T, k):
     assert row["entropy"] == pytest.approx(-(q[q > 0] * q[q > 0].log()).sum().item(), rel=1e-4)
 
 
+def test_dense_measures_match_float64_on_a_wide_vocabulary_and_leave_threads_as_they_were():
+    # a logit spread of ~100 nats: at T = 0.05 most tokens underflow and are dropped by the kernel
+    g = torch.Generator().manual_seed(3)
+    ref = torch.randn(5, 4000, generator=g) * 25
+    x = ref + torch.randn(5, 4000, generator=g)
+    temps = [0.05, 0.2, 0.7, 1.0, 2.0]
+    answers = torch.tensor([0, 1, 2, 3, -1])
+    threads = torch.get_num_threads()
+    rows = sampling.next_token_measures(ref, x, temps, [0], answers)
+    assert torch.get_num_threads() == threads
+    for r in rows:
+        T, i = r["temperature"], r["prompt_index"]
+        lp, lq = torch.log_softmax(ref[i].double() / T, -1), torch.log_softmax(x[i].double() / T, -1)
+        p, q = lp.exp(), lq.exp()
+        assert r["tv"] == pytest.approx(0.5 * (p - q).abs().sum().item(), abs=1e-6)
+        assert r["kl"] == pytest.approx((p * (lp - lq)).sum().item(), rel=1e-4, abs=1e-5)
+        assert r["entropy"] == pytest.approx(-(q * lq).sum().item(), rel=1e-4, abs=1e-5)
+        if i < 4:
+            assert r["p_answer"] == pytest.approx(q[i].item(), rel=1e-5, abs=1e-12)
+            assert r["ref_p_answer"] == pytest.approx(p[i].item(), rel=1e-5, abs=1e-12)
+
+
 def test_identical_models_have_zero_divergence_and_greedy_is_binary():
     x = torch.randn(3, 50)
     for r in sampling.next_token_measures(x, x, [0, 0.3, 1.0], [0, 5]):
