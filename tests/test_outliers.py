@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import outliers
+from helpers import models, outliers
 
 
 def test_outlier_dimensions_by_hand():
@@ -64,7 +64,18 @@ def test_recorder_counts_positions_columns_and_removes_its_hooks():
     table = rec.layer_table()
     first = table[(table.layer == "model.layers.0.q_proj") & (table.threshold == 6.0)].iloc[0]
     assert first.positions == 10 and first.max_abs == 7.0
+    assert first.block == 0 and first.role == "q_proj" and first.hidden_input
     assert first.cols_16bit_share == pytest.approx(2 / 4)  # dims 1 and 3 in each call
     assert table[table.threshold == 10.0].cols_16bit_share.max() == 0.0
     with pytest.raises(ValueError, match="not recorded"):
         rec.hit_share(3.0)
+
+
+def test_block_linears_names_block_and_role():
+    net = _Tiny()
+    net.model.layers[1].mlp = torch.nn.Module()
+    net.model.layers[1].mlp.up_proj = torch.nn.Linear(2, 2)
+    got = [(name, block, role) for name, block, role, _ in models.block_linears(net)]
+    assert got == [("model.layers.0.q_proj", 0, "q_proj"), ("model.layers.0.down_proj", 0, "down_proj"),
+                   ("model.layers.1.q_proj", 1, "q_proj"), ("model.layers.1.down_proj", 1, "down_proj"),
+                   ("model.layers.1.mlp.up_proj", 1, "mlp.up_proj")]
