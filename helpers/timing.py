@@ -10,7 +10,8 @@
 * **Warm-up, then repeats.** The first calls are discarded (allocations, kernel selection,
   lazy weight repacking on CPU); the median and the spread of the repeats are reported.
 * **Synchronized.** On CUDA, queued work is finished before every clock reading.
-* **Memory.** Peak resident memory on CPU (``VmHWM``, reset through ``/proc/self/clear_refs``),
+* **Memory.** Peak resident memory on CPU (``VmHWM``, reset through ``/proc/self/clear_refs``; NaN
+  where the kernel does not support the reset),
   ``max_memory_allocated`` and ``max_memory_reserved`` on CUDA.
 * **Roofline.** Decoding one token reads every weight once (plus the KV cache), so a method
   can decode at most ``bandwidth / bytes_per_token`` tokens per second at batch 1
@@ -125,46 +126,72 @@ def repeat(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> list[Any]:
 # --------------------------------------------------------------------------- memory
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
+RESET_SLACK_MIB = 8.0  # after a reset the high-water mark equals the resident size, give or take this
+_peak_window = False  # whether VmHWM has counted from a reset that took (see reset_peak_rss)
 
 
-def reset_peak_rss() -> bool:
-    """Reset the kernel's resident-memory high-water mark (Linux); False where unsupported."""
-    try:
-        _CLEAR_REFS.write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def rss_mib(field: str = "VmRSS") -> float:
-    """Current (``VmRSS``) or peak since the last reset (``VmHWM``) resident memory, MiB."""
+def _status_mib(field: str) -> float | None:
+    """A ``kB`` field of ``/proc/self/status`` in MiB; None where there is no such file or field."""
     try:
         for line in _STATUS.read_text().splitlines():
             if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024  # kB
+                return int(line.split()[1]) / 1024
     except OSError:
         pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's resident-memory high-water mark and check that the reset took.
+
+    Writing ``5`` to ``/proc/self/clear_refs`` sets ``VmHWM`` to the current ``VmRSS`` (Linux).
+    Some kernels and sandboxes refuse the write, and some accept it and do nothing; ``VmHWM``
+    then stays the lifetime peak, and a "peak while loading and generating" read from it would
+    be wrong. Returns True only if ``VmHWM`` is back near ``VmRSS`` afterwards; otherwise
+    :func:`peak_memory` reports NaN until a later reset succeeds.
+    """
+    global _peak_window
+    try:
+        _CLEAR_REFS.write_text("5")
+    except OSError:
+        _peak_window = False
+        return False
+    hwm, rss = _status_mib("VmHWM"), _status_mib("VmRSS")
+    _peak_window = hwm is not None and rss is not None and hwm - rss <= RESET_SLACK_MIB
+    return _peak_window
+
+
+def rss_mib(field: str = "VmRSS") -> float:
+    """Current (``VmRSS``) or peak (``VmHWM``: since the last reset, or over the process's life
+    where resets do not work, see :func:`reset_peak_rss`) resident memory, MiB."""
+    value = _status_mib(field)
+    if value is not None:
+        return value
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # fallback: lifetime peak
 
 
-def reset_peak_memory(device: str) -> None:
-    """Start a new peak-memory window on ``device`` (CUDA counters, or RSS on CPU)."""
+def reset_peak_memory(device: str) -> bool:
+    """Start a new peak-memory window on ``device`` (CUDA counters, or RSS on CPU).
+
+    False where the CPU high-water mark cannot be reset (then the CPU peak is NaN)."""
     if device.startswith("cuda"):
         synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    else:
-        reset_peak_rss()
+        return True
+    return reset_peak_rss()
 
 
 def peak_memory(device: str) -> dict[str, float]:
-    """Peak memory since :func:`reset_peak_memory`, MiB, under the names the plots use."""
+    """Peak memory since :func:`reset_peak_memory`, MiB, under the names the plots use.
+
+    On CPU, NaN if the last reset did not take: a lifetime peak is not what the plots mean."""
     if device.startswith("cuda"):
         synchronize(device)
         return {"max_memory_allocated_MiB": torch.cuda.max_memory_allocated(device) / 2**20,
                 "max_memory_reserved_MiB": torch.cuda.max_memory_reserved(device) / 2**20}
-    return {"peak_rss_MiB": rss_mib("VmHWM")}
+    return {"peak_rss_MiB": rss_mib("VmHWM") if _peak_window else float("nan")}
 
 
 # --------------------------------------------------------------------------- roofline

@@ -1,5 +1,6 @@
 """Timing and memory helpers (helpers.timing) on synthetic workloads; no timed assertions."""
 
+import math
 import time
 
 import pytest
@@ -39,16 +40,38 @@ def test_repeat_discards_warmup_and_records_load():
     assert [v for v, _ in out] == [3, 4, 5] and all(load >= 0 for _, load in out)
 
 
+def _allocate_and_free(mib: int = 64) -> None:
+    """Touch ``mib`` MiB and free them (large blocks go back to the system), raising VmHWM over VmRSS."""
+    x = torch.ones(mib * 2**20 // 4)
+    x += 1
+    del x
+
+
 def test_peak_rss_sees_a_synthetic_allocation_and_can_be_reset():
-    timing.reset_peak_rss()
+    if not timing.reset_peak_rss():  # kernels and sandboxes without a working clear_refs
+        _allocate_and_free()
+        assert math.isnan(timing.peak_memory("cpu")["peak_rss_MiB"])
+        pytest.skip("this kernel cannot reset the peak RSS; the NaN path was checked instead")
     before = timing.rss_mib("VmHWM")
     x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
     x += 1
-    peak = timing.rss_mib("VmHWM")
+    peak = timing.peak_memory("cpu")["peak_rss_MiB"]
     assert peak - before > 50
     del x
-    if timing.reset_peak_rss():  # Linux: the high-water mark falls back to the current RSS
-        assert timing.rss_mib("VmHWM") < peak - 50
+    assert timing.reset_peak_rss()  # the high-water mark falls back to the current RSS
+    assert timing.rss_mib("VmHWM") < peak - 50
+
+
+@pytest.mark.parametrize("refuses", [True, False])
+def test_a_peak_rss_reset_that_does_not_take_gives_nan_not_the_lifetime_peak(tmp_path, monkeypatch, refuses):
+    # a sandbox either refuses the write (no such file) or accepts it and does nothing (a plain file)
+    fake = tmp_path / "missing" / "clear_refs" if refuses else tmp_path / "clear_refs"
+    monkeypatch.setattr(timing, "_CLEAR_REFS", fake)
+    _allocate_and_free()  # now VmHWM is at least 64 MiB above VmRSS
+    if timing.rss_mib("VmHWM") - timing.rss_mib("VmRSS") <= timing.RESET_SLACK_MIB:
+        pytest.skip("no /proc/self/status high-water mark on this system")
+    assert timing.reset_peak_memory("cpu") is False
+    assert math.isnan(timing.peak_memory("cpu")["peak_rss_MiB"])
 
 
 def test_bandwidth_is_positive_and_bytes_per_token_by_hand():
