@@ -101,3 +101,55 @@ def test_timed_generate_is_fixed_length_and_steps_add_up(loaded):
     assert t.new_tokens == 6 and t.batch == 2 and len(t.step_s) == 5
     assert 0 < t.ttft_s < t.total_s
     assert t.ttft_s + sum(t.step_s) == pytest.approx(t.total_s, rel=0.2)
+
+
+class _CudaRecorder:
+    """Stands in for ``torch.cuda``'s synchronize and memory counters, logging each call, so
+    the CUDA branch of the timing helpers runs (and is checked) on a machine without a GPU."""
+
+    def __init__(self, monkeypatch):
+        self.events: list[str] = []
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: self.events.append("sync"))
+        monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: self.events.append("reset"))
+        monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**20)
+        monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 4 * 2**20)
+        real_clock = time.perf_counter
+        monkeypatch.setattr(timing.time, "perf_counter", lambda: self.events.append("clock") or real_clock())
+
+
+class _FakeGenerator:
+    """``generate`` that emits ``n`` tokens, calling the stopping criteria once per token."""
+
+    def generate(self, input_ids, attention_mask=None, stopping_criteria=None, max_new_tokens=1, **kwargs):
+        out = input_ids
+        for _ in range(max_new_tokens):
+            out = torch.cat([out, torch.zeros(out.shape[0], 1, dtype=out.dtype)], dim=1)
+            assert not any(c(out, None).any() for c in stopping_criteria)
+        return out
+
+
+class _Tokenizer:
+    pad_token_id = 0
+    eos_token_id = 0
+
+
+def test_cuda_branch_synchronizes_before_every_clock_reading(monkeypatch):
+    rec = _CudaRecorder(monkeypatch)
+    inputs = {"input_ids": torch.ones(2, 3, dtype=torch.long)}
+    t = timing.timed_generate(_FakeGenerator(), inputs, _Tokenizer(), 4, device="cuda")
+    assert t.new_tokens == 4 and t.batch == 2 and len(t.step_s) == 3
+    clocks = [i for i, e in enumerate(rec.events) if e == "clock"]
+    assert len(clocks) == 1 + 4 + 1  # start, one per token, end
+    assert all(i > 0 and rec.events[i - 1] == "sync" for i in clocks)
+    # on the CPU the same code reads the clock without synchronizing
+    rec.events.clear()
+    timing.timed_generate(_FakeGenerator(), inputs, _Tokenizer(), 4, device="cpu")
+    assert "sync" not in rec.events and rec.events.count("clock") == 6
+
+
+def test_cuda_branch_memory_counters_are_reset_synchronized_and_named(monkeypatch):
+    rec = _CudaRecorder(monkeypatch)
+    assert timing.reset_peak_memory("cuda:0") is True
+    assert rec.events == ["sync", "reset"]
+    assert timing.peak_memory("cuda:0") == {"max_memory_allocated_MiB": 3.0, "max_memory_reserved_MiB": 4.0}
+    assert rec.events[-1] == "sync"
