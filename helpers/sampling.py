@@ -174,9 +174,11 @@ def _dense_measures(ref: torch.Tensor, x: torch.Tensor, temperatures: list[float
       both rows is dropped: its weight is exactly 0.0 at this T and every colder one, so the
       result is unchanged (at T = 0.1 that leaves ~1% of Gemma-3's vocabulary). Dropping costs a
       pass over the row, so it is done only when it shrinks the row by ``PRUNE_SHRINK`` or more,
-      which a sorted 1-in-64 sample of the row predicts at no cost.
+      which a sorted 1-in-64 sample of the row predicts at no cost;
+    * each worker reuses one set of buffers for all its rows (fresh megabyte-sized tensors cost
+      page faults on every row).
     """
-    P = x.shape[0]
+    P, V = x.shape
     threads = torch.get_num_threads()
     workers = max(1, min(threads, P))
     order = sorted(range(len(temperatures)), key=lambda t: -temperatures[t])
@@ -186,8 +188,9 @@ def _dense_measures(ref: torch.Tensor, x: torch.Tensor, temperatures: list[float
         flushed = torch.set_flush_denormal(True)  # per thread (the CPU's MXCSR register)
         try:
             with torch.inference_mode():
+                workspace = [torch.empty(n) for n in (5 * V, 5 * V, 2 * V, V)]  # reused for every row
                 for i in range(first, P, workers):
-                    out[:, :, i] = _dense_row(ref[i], x[i], temperatures, order, int(ans[i, 0]))
+                    out[:, :, i] = _dense_row(ref[i], x[i], temperatures, order, int(ans[i, 0]), workspace)
         finally:
             if flushed:
                 torch.set_flush_denormal(False)
@@ -206,28 +209,37 @@ PRUNE_SHRINK = 0.7  # drop the zero-weight tokens once they are 30% of the row o
 
 
 def _dense_row(ref: torch.Tensor, x: torch.Tensor, temperatures: list[float], order: list[int],
-               j: int) -> torch.Tensor:
-    """``[T, 5]`` float64: (tv, kl, entropy, p_answer, ref_p_answer) for one prompt (see above)."""
-    a0, b0 = ref - ref.max(), x - x.max()
-    aj, bj = float(a0[j]), float(b0[j])
-    V = a0.shape[0]
-    # one [5, V] block so that dropping tokens is one index_select: a and b in base 2, a - b, b,
+               j: int, workspace: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """``[T, 5]`` float64: (tv, kl, entropy, p_answer, ref_p_answer) for one prompt (see above).
+
+    ``workspace``: flat float32 buffers of sizes ``5V, 5V, 2V, V`` (allocated here if None)."""
+    V = ref.shape[0]
+    if workspace is None:
+        workspace = [torch.empty(n) for n in (5 * V, 5 * V, 2 * V, V)]
+    block, spare, e_buf, diff_buf = workspace
+    # one [5, V] block, so that dropping tokens is one index_select: a and b in base 2, a - b, b,
     # and the larger of the two base-2 logits (which decides when a token's weight is zero)
-    rows = torch.empty(5, V)
-    torch.mul(a0, LOG2E, out=rows[0])
-    torch.mul(b0, LOG2E, out=rows[1])
-    torch.sub(a0, b0, out=rows[2])
-    rows[3].copy_(b0)
+    rows = block[:5 * V].view(5, V)
+    torch.sub(ref, ref.max(), out=rows[0])  # a (shifted to max 0)
+    torch.sub(x, x.max(), out=rows[3])  # b
+    aj, bj = float(rows[0, j]), float(rows[3, j])
+    torch.sub(rows[0], rows[3], out=rows[2])
+    rows[0].mul_(LOG2E)
+    torch.mul(rows[3], LOG2E, out=rows[1])
     torch.maximum(rows[0], rows[1], out=rows[4])
     sample = rows[4, ::64].sort().values  # predicts how many tokens a threshold keeps
-    e, diff = torch.empty(2, V), torch.empty(V)
+    n = V
+    e, diff = e_buf[:2 * n].view(2, n), diff_buf[:n]
     result = torch.empty(len(temperatures), 5, dtype=torch.float64)
     for t in order:
         s = 1.0 / temperatures[t]
         kept = 1 - int(torch.searchsorted(sample, EXP2_ZERO / s)) / len(sample)
-        if kept * V < PRUNE_SHRINK * rows.shape[1]:
-            rows = rows.index_select(1, (rows[4] > EXP2_ZERO / s).nonzero().squeeze(1))
-            e, diff = e[:, :rows.shape[1]], diff[:rows.shape[1]]
+        if kept * V < PRUNE_SHRINK * n:
+            keep = (rows[4] > EXP2_ZERO / s).nonzero().squeeze(1)
+            n = len(keep)
+            rows = torch.index_select(rows, 1, keep, out=spare[:5 * n].view(5, n))
+            block, spare = spare, block  # the kept tokens now live in the other buffer
+            e, diff = e_buf[:2 * n].view(2, n), diff_buf[:n]
         torch.exp2(torch.mul(rows[:2], s, out=e), out=e)  # e = exp(logits / T), max 1
         za, zb = e.sum(1).tolist()
         ea, eb = e[0], e[1]

@@ -189,3 +189,19 @@ def test_generation_flags_rows_whose_logits_overflowed(loaded):
     assert gen.tokens.shape == (3, 6)  # no crash, fixed length kept
     clean = sampling.generate(model, tok, prompts, [1, 2, 3], 0.8, 0, 6)
     assert clean.finite.all() and torch.equal(clean.tokens[[0, 2]], gen.tokens[[0, 2]])
+
+
+def test_dense_row_buffers_reused_across_rows_and_prunes_give_the_fresh_result():
+    # a logit spread of ~250 nats: hot to cold, the row is pruned several times (ping-pong buffers)
+    g = torch.Generator().manual_seed(5)
+    ref = torch.randn(3, 6000, generator=g) * 60
+    x = ref + torch.randn(3, 6000, generator=g)
+    temps = [2.0, 1.0, 0.5, 0.2, 0.1, 0.05, 0.02]
+    order = list(range(len(temps)))
+    workspace = [torch.empty(n) for n in (5 * 6000, 5 * 6000, 2 * 6000, 6000)]
+    for i in range(3):  # the same buffers, dirty from the previous row
+        reused = sampling._dense_row(ref[i], x[i], temps, order, i, workspace)
+        assert torch.equal(reused, sampling._dense_row(ref[i], x[i], temps, order, i))
+        lp = torch.log_softmax(ref[i].double() / temps[-1], -1)
+        lq = torch.log_softmax(x[i].double() / temps[-1], -1)
+        assert reused[-1, 0].item() == pytest.approx(0.5 * (lp.exp() - lq.exp()).abs().sum().item(), abs=1e-6)
