@@ -88,8 +88,7 @@ def next_token_measures(ref_logits: torch.Tensor, logits: torch.Tensor, temperat
     logits ``a, b``, computed row by row on every thread (:func:`_dense_measures`).
     """
     # -inf logits (masked tokens) would give inf - inf; a huge finite value has probability 0
-    ref = ref_logits.float().nan_to_num(neginf=-1e30)
-    x = logits.float().nan_to_num(neginf=-1e30)
+    ref, x = _finite(ref_logits), _finite(logits)
     P, V = x.shape
     answers = answer_ids if answer_ids is not None else torch.full((P,), -1, dtype=torch.long)
     has_answer = answers >= 0
@@ -149,6 +148,15 @@ def next_token_measures(ref_logits: torch.Tensor, logits: torch.Tensor, temperat
              "entropy": e, "p_answer": pa if h else nan, "ref_p_answer": rpa if h else nan}
             for i, T, k, tv, kl, a, e, pa, rpa, h in zip(index, temps, ks, out["tv"], out["kl"], agree,
                                                        out["entropy"], out["p_answer"], out["ref_p_answer"], answered)]
+
+
+def _finite(logits: torch.Tensor) -> torch.Tensor:
+    """Float32 logits with -inf (masked tokens) as -1e30 and +inf as the largest float, so that no
+    difference is inf - inf. A copy only where needed: checking costs one reduction, a copy of a
+    [P, 262k] block costs several times more (fresh memory)."""
+    x = logits.float()
+    lo, hi = x.aminmax()
+    return x if math.isfinite(lo) and math.isfinite(hi) else x.nan_to_num(neginf=-1e30)
 
 
 LOG2E = 1.0 / math.log(2.0)

@@ -205,3 +205,20 @@ def test_dense_row_buffers_reused_across_rows_and_prunes_give_the_fresh_result()
         lp = torch.log_softmax(ref[i].double() / temps[-1], -1)
         lq = torch.log_softmax(x[i].double() / temps[-1], -1)
         assert reused[-1, 0].item() == pytest.approx(0.5 * (lp.exp() - lq.exp()).abs().sum().item(), abs=1e-6)
+
+
+def test_masked_tokens_count_as_zero_probability_and_inputs_are_not_modified():
+    g = torch.Generator().manual_seed(6)
+    ref = torch.randn(2, 300, generator=g) * 3
+    x = ref + 0.5 * torch.randn(2, 300, generator=g)
+    masked_ref, masked_x = ref.clone(), x.clone()
+    masked_ref[:, 250:] = float("-inf")  # e.g. padding rows of an enlarged vocabulary
+    masked_x[:, 250:] = float("-inf")
+    before = masked_ref.clone()
+    temps, ks = [0.0, 0.3, 1.0, 2.0], [0, 5]
+    rows = sampling.next_token_measures(masked_ref, masked_x, temps, ks)
+    assert torch.equal(masked_ref, before)  # the -inf are replaced in a copy, not in the caller's tensor
+    expected = sampling.next_token_measures(ref[:, :250], x[:, :250], temps, ks)
+    for r, e in zip(rows, expected):
+        for key in ("tv", "kl", "entropy"):
+            assert r[key] == pytest.approx(e[key], rel=1e-5, abs=1e-6)
