@@ -99,22 +99,33 @@ def next_token_measures(ref_logits: torch.Tensor, logits: torch.Tensor, temperat
     if kmax:
         ref_vals, ref_idx = ref.topk(kmax, dim=-1)  # sorted, exactly kmax per row
         x_vals, x_idx = x.topk(kmax, dim=-1)
-    # where each of the reference's top-k tokens sits in the method's top-k (the same at every T)
-    position: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    for k in {k for k in top_ks if 0 < k < V}:
-        match = ref_idx[:, :k, None] == x_idx[:, None, :k]  # [P, k, k]
-        position[k] = (match.any(-1), match.byte().argmax(-1))
     cols: dict[str, list[torch.Tensor]] = {c: [] for c in ("tv", "kl", "entropy", "p_answer", "ref_p_answer")}
     grid: list[tuple[float, int]] = []  # (T, k) of each emitted block, as given (no float32 rounding)
 
-    def emit(T, k, tv, kl, ent, p_ans, ref_p_ans):
-        for name, value in (("tv", tv.clamp(0, 1)), ("kl", kl.clamp_min(0)), ("entropy", ent.clamp_min(0)),
-                            ("p_answer", p_ans), ("ref_p_answer", ref_p_ans)):
+    def emit(T, k, *values):
+        for name, value in zip(cols, values):
             cols[name].append(value.float())
         grid.append((T, k))
 
-    dense_ts = [T for T in temperatures if T > 0] if any(k == 0 or k >= V for k in top_ks) else []
+    hot = [T for T in temperatures if T > 0]
+    dense_ts = hot if any(k == 0 or k >= V for k in top_ks) else []
     dense_all = _dense_measures(ref, x, dense_ts, ans) if dense_ts else {}
+    # top-k points: every T > 0 at once, as [P, T, k] blocks (the selection is the same at every T)
+    temps_t = torch.tensor(hot or [1.0], dtype=torch.float32)[None, :, None]
+    sparse: dict[int, list[torch.Tensor]] = {}
+    for k in {k for k in top_ks if 0 < k < V}:
+        idx_p, idx_q = ref_idx[:, :k], x_idx[:, :k]
+        match = idx_p[:, :, None] == idx_q[:, None, :]  # [P, k, k]: where p's tokens sit in q's top-k
+        found = match.any(-1)[:, None, :]
+        pos = match.byte().argmax(-1)[:, None, :].expand(P, temps_t.shape[1], k)
+        p = torch.softmax(ref_vals[:, None, :k] / temps_t, -1)
+        q = torch.softmax(x_vals[:, None, :k] / temps_t, -1)
+        q_at_p = torch.where(found, q.gather(2, pos), 0.0)
+        ratio = torch.where(q_at_p > 0, p / q_at_p, torch.full_like(p, float("inf")))
+        sparse[k] = [1 - torch.minimum(p, q_at_p).sum(-1),
+                     torch.where(p > 0, p * ratio.log(), torch.zeros_like(p)).sum(-1),
+                     -(q * q.clamp_min(1e-45).log()).sum(-1),
+                     ((idx_q == ans)[:, None, :] * q).sum(-1), ((idx_p == ans)[:, None, :] * p).sum(-1)]
     for T in temperatures:
         if T == 0:
             zero, agree = torch.zeros(P), top1.float()
@@ -124,22 +135,15 @@ def next_token_measures(ref_logits: torch.Tensor, logits: torch.Tensor, temperat
             for k in top_ks:  # top-k is irrelevant to greedy decoding
                 emit(T, k, 1 - agree, kl, zero, p_ans, ref_p_ans)
             continue
+        t = hot.index(T)
         for k in top_ks:
-            if k == 0 or k >= V:
-                emit(T, k, *dense_all[T])
-            else:
-                idx_p, idx_q = ref_idx[:, :k], x_idx[:, :k]
-                p = torch.softmax(ref_vals[:, :k] / T, -1)
-                q = torch.softmax(x_vals[:, :k] / T, -1)
-                found, pos = position[k]
-                q_at_p = torch.where(found, q.gather(1, pos), 0.0)
-                tv = 1 - torch.minimum(p, q_at_p).sum(-1)
-                ratio = torch.where(q_at_p > 0, p / q_at_p, torch.full_like(p, float("inf")))
-                kl = torch.where(p > 0, p * ratio.log(), torch.zeros_like(p)).sum(-1)
-                ent = -(q * q.clamp_min(1e-45).log()).sum(-1)
-                emit(T, k, tv, kl, ent, ((idx_q == ans) * q).sum(-1), ((idx_p == ans) * p).sum(-1))
+            emit(T, k, *(dense_all[T] if k == 0 or k >= V else [v[:, t] for v in sparse[k]]))
     n = len(grid)
-    out = {name: torch.cat(v).tolist() for name, v in cols.items()}
+    bounds = {"tv": (0, 1), "kl": (0, None), "entropy": (0, None)}  # rounding can step just outside
+    out = {}
+    for name, v in cols.items():
+        col = torch.cat(v)
+        out[name] = (col.clamp(*bounds[name]) if name in bounds else col).tolist()
     nan = float("nan")
     temps = [T for T, _ in grid for _ in range(P)]
     ks = [k for _, k in grid for _ in range(P)]
