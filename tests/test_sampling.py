@@ -222,3 +222,13 @@ def test_masked_tokens_count_as_zero_probability_and_inputs_are_not_modified():
     for r, e in zip(rows, expected):
         for key in ("tv", "kl", "entropy"):
             assert r[key] == pytest.approx(e[key], rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("V", [50, 5000, 8192, 10001])
+def test_row_argmax_is_torch_argmax_with_first_index_on_ties(V):
+    g = torch.Generator().manual_seed(V)
+    x = torch.randint(0, 40, (64, V), generator=g).float()  # many ties of the maximum
+    x[0, -1] = 100  # the maximum in the tail block
+    x[1, :] = 7  # all equal: index 0
+    assert torch.equal(sampling.row_argmax(x), x.argmax(-1))
+    assert sampling.row_argmax(x)[1] == 0
