@@ -83,7 +83,8 @@ def next_token_measures(ref_logits: torch.Tensor, logits: torch.Tensor, temperat
     of the method's distribution), ``p_answer`` (method's probability of ``answer_ids[i]``, NaN
     when < 0) and ``ref_p_answer``.
 
-    Cost: the top-k selection is made once (it does not depend on T); the dense (k off) points
+    Cost: the top-k selection is made once (it does not depend on T) and its points are computed
+    for all temperatures together, as ``[P, T, k]`` blocks; the dense (k off) points
     use ``KL = sum p (a - b) - (lse_a - lse_b)`` and ``H(q) = lse_b - sum q b`` for the scaled
     logits ``a, b``, computed row by row on every thread (:func:`_dense_measures`).
     """
