@@ -175,8 +175,8 @@ def row_argmax(x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
 
 
 def _finite(logits: torch.Tensor) -> torch.Tensor:
-    """Float32 logits with -inf (masked tokens) as -1e30 and +inf as the largest float, so that no
-    difference is inf - inf. A copy only where needed: checking costs one reduction, a copy of a
+    """Float32 logits with -inf (masked tokens) as -1e30, +inf as the largest float and NaN as 0,
+    so that no difference is inf - inf. A copy only where needed: checking costs one reduction, a copy of a
     [P, 262k] block costs several times more (fresh memory)."""
     x = logits.float()
     lo, hi = x.aminmax()
@@ -220,7 +220,7 @@ def _dense_measures(ref: torch.Tensor, x: torch.Tensor, temperatures: list[float
         flushed = torch.set_flush_denormal(True)  # per thread (the CPU's MXCSR register)
         try:
             with torch.inference_mode():
-                workspace = [torch.empty(n) for n in (5 * V, 5 * V, 2 * V, V)]  # reused for every row
+                workspace = dense_workspace(V)  # reused for every row
                 for i in range(first, P, workers):
                     out[:, :, i] = _dense_row(ref[i], x[i], temperatures, order, int(ans[i, 0]), workspace)
         finally:
@@ -240,15 +240,19 @@ def _dense_measures(ref: torch.Tensor, x: torch.Tensor, temperatures: list[float
 PRUNE_SHRINK = 0.7  # drop the zero-weight tokens once they are 30% of the row or more
 
 
+def dense_workspace(V: int) -> list[torch.Tensor]:
+    """The flat float32 buffers :func:`_dense_row` works in for a ``V``-token row: the [5, V]
+    block, a spare block it is pruned into, the two rows of weights and the TV difference."""
+    return [torch.empty(n) for n in (5 * V, 5 * V, 2 * V, V)]
+
+
 def _dense_row(ref: torch.Tensor, x: torch.Tensor, temperatures: list[float], order: list[int],
                j: int, workspace: list[torch.Tensor] | None = None) -> torch.Tensor:
     """``[T, 5]`` float64: (tv, kl, entropy, p_answer, ref_p_answer) for one prompt (see above).
 
-    ``workspace``: flat float32 buffers of sizes ``5V, 5V, 2V, V`` (allocated here if None)."""
+    ``workspace``: from :func:`dense_workspace` (allocated here if None)."""
     V = ref.shape[0]
-    if workspace is None:
-        workspace = [torch.empty(n) for n in (5 * V, 5 * V, 2 * V, V)]
-    block, spare, e_buf, diff_buf = workspace
+    block, spare, e_buf, diff_buf = workspace if workspace is not None else dense_workspace(V)
     # one [5, V] block, so that dropping tokens is one index_select: a and b in base 2, a - b, b,
     # and the larger of the two base-2 logits (which decides when a token's weight is zero)
     rows = block[:5 * V].view(5, V)

@@ -198,7 +198,7 @@ def test_dense_row_buffers_reused_across_rows_and_prunes_give_the_fresh_result()
     x = ref + torch.randn(3, 6000, generator=g)
     temps = [2.0, 1.0, 0.5, 0.2, 0.1, 0.05, 0.02]
     order = list(range(len(temps)))
-    workspace = [torch.empty(n) for n in (5 * 6000, 5 * 6000, 2 * 6000, 6000)]
+    workspace = sampling.dense_workspace(6000)
     for i in range(3):  # the same buffers, dirty from the previous row
         reused = sampling._dense_row(ref[i], x[i], temps, order, i, workspace)
         assert torch.equal(reused, sampling._dense_row(ref[i], x[i], temps, order, i))
