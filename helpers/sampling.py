@@ -119,13 +119,14 @@ def next_token_measures(ref_logits: torch.Tensor, logits: torch.Tensor, temperat
         match = idx_p[:, :, None] == idx_q[:, None, :]  # [P, k, k]: where p's tokens sit in q's top-k
         found = match.any(-1)[:, None, :]
         pos = match.byte().argmax(-1)[:, None, :].expand(P, temps_t.shape[1], k)
-        p = torch.softmax(ref_vals[:, None, :k] / temps_t, -1)
-        q = torch.softmax(x_vals[:, None, :k] / temps_t, -1)
+        # log space: at low T the kept tokens' probabilities underflow, their log-ratios do not
+        log_p = torch.log_softmax(ref_vals[:, None, :k] / temps_t, -1)
+        log_q = torch.log_softmax(x_vals[:, None, :k] / temps_t, -1)
+        p, q = log_p.exp(), log_q.exp()
         q_at_p = torch.where(found, q.gather(2, pos), 0.0)
-        ratio = torch.where(q_at_p > 0, p / q_at_p, torch.full_like(p, float("inf")))
-        sparse[k] = [1 - torch.minimum(p, q_at_p).sum(-1),
-                     torch.where(p > 0, p * ratio.log(), torch.zeros_like(p)).sum(-1),
-                     -(q * q.clamp_min(1e-45).log()).sum(-1),
+        # every kept token has p > 0 (however small), so KL is infinite when the kept sets differ
+        kl = torch.where(found.all(-1), (p * (log_p - log_q.gather(2, pos))).sum(-1), float("inf"))
+        sparse[k] = [1 - torch.minimum(p, q_at_p).sum(-1), kl, -(q * log_q).sum(-1),
                      ((idx_q == ans)[:, None, :] * q).sum(-1), ((idx_p == ans)[:, None, :] * p).sum(-1)]
     for T in temperatures:
         if T == 0:

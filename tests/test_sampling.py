@@ -232,3 +232,17 @@ def test_row_argmax_is_torch_argmax_with_first_index_on_ties(V):
     x[1, :] = 7  # all equal: index 0
     assert torch.equal(sampling.row_argmax(x), x.argmax(-1))
     assert sampling.row_argmax(x)[1] == 0
+
+
+def test_top_k_kl_at_low_temperature_is_finite_for_identical_kept_sets():
+    # identical top-5 sets with logit gaps of about 4.7: at T = 0.05 every probability but the
+    # largest underflows in float32, yet KL is about 1e-40, not inf (a ratio of two zeros)
+    ref = torch.tensor([[10.0, 5.0, 0.6, -4.1, -8.8, -30.0, -31.0]])
+    x = ref + torch.tensor([[0.0, -0.25, -0.02, 0.03, 0.0, 1.0, -1.0]])  # p2 = e^-100 > 0, q2 = e^-105 = 0
+    row = [r for r in sampling.next_token_measures(ref, x, [0.05, 1.0], [5]) if r["temperature"] == 0.05][0]
+    assert math.isfinite(row["kl"]) and 0 <= row["kl"] < 1e-30
+    # and infinite as soon as the kept sets differ (a token the reference keeps, the method drops)
+    x2 = x.clone()
+    x2[0, 4] = -40.0
+    rows = sampling.next_token_measures(ref, x2, [0.05, 1.0], [5])
+    assert all(r["kl"] == float("inf") for r in rows if r["temperature"] > 0)
