@@ -136,3 +136,135 @@ def combine_verdicts(verdicts: Sequence[str]) -> str:
     if "does not hold" in v and "holds" not in v:
         return "does not hold"
     return "inconclusive"
+
+
+# --------------------------------------------------------------------------- running text
+BLOCK_KEY = ["doc", "window", "block"]
+
+
+def family(method: str) -> str:
+    """The precision family of a method: double quantization is a replicate, not a new method
+    (``nf4-dq`` -> ``nf4``)."""
+    return method.removesuffix("-dq")
+
+
+def family_blocks(blocks: pd.DataFrame) -> pd.DataFrame:
+    """Block sums averaged over the methods of each family (``nf4`` with ``nf4-dq``, ``fp4``
+    with ``fp4-dq``), so that twins count once, as replicates. Adds nothing for lone methods."""
+    keys = [c for c in ("model", "view", "temperature", "top_k", *BLOCK_KEY) if c in blocks.columns]
+    numeric = [c for c in blocks.columns if c not in keys + ["method", "ref_temperature"]
+               and pd.api.types.is_numeric_dtype(blocks[c])]
+    return blocks.assign(method=blocks.method.map(family)).groupby(["method", *keys], as_index=False)[numeric].mean()
+
+
+def band_sums(blocks: pd.DataFrame, band: Sequence[float], column: str) -> pd.Series:
+    """Per block, the mean over the temperatures in ``[band[0], band[1]]`` (greedy excluded) of a
+    summed column: the block's share of a band average."""
+    lo, hi = band
+    if lo > hi:
+        raise ValueError(f"a temperature band is [low, high], got {list(band)}")
+    rows = blocks[(blocks.temperature >= lo - 1e-9) & (blocks.temperature <= hi + 1e-9) & (blocks.temperature > 0)]
+    if rows.empty:
+        raise ValueError(f"no temperatures in [{lo}, {hi}]")
+    return rows.groupby(BLOCK_KEY)[column].mean()
+
+
+def contrast_ci(columns: dict[str, pd.Series], statistic: Callable[[dict[str, np.ndarray]], np.ndarray],
+                n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """``statistic`` of the named columns' means over blocks, with a paired bootstrap interval
+    (all columns of a block resampled together)."""
+    table = pd.concat(columns, axis=1).dropna()
+    names = list(table.columns)
+    return bootstrap_ci_of(table.to_numpy(), lambda m: statistic({n: m[..., i] for i, n in enumerate(names)}),
+                           n_boot, level, seed)
+
+
+def loss(method_sum: np.ndarray, reference_sum: np.ndarray) -> np.ndarray:
+    """Relative loss of expected next-word accuracy, ``R = 1 - Q_method / Q_reference``."""
+    return relative_degradation(method_sum, reference_sum)
+
+
+def differs_verdict(low: float, high: float, margin: float) -> str:
+    """Do two things differ? holds if the interval of the difference excludes 0, does not hold if
+    it lies inside ``[-margin, margin]`` (equal for practical purposes), else inconclusive."""
+    if sign_verdict(low, high) != "inconclusive":
+        return "holds"
+    return "does not hold" if equivalence_verdict(low, high, margin) == "holds" else "inconclusive"
+
+
+def temperature_claims(blocks: pd.DataFrame, low: Sequence[float], high: Sequence[float],
+                       mid: Sequence[float] = (0.5, 0.8), margin: float = 0.02, n_boot: int = 1000,
+                       level: float = 0.95, seed: int = 0) -> pd.DataFrame:
+    """Claims C2 and C3 (both abstract versions) for one model and one view, from its block sums.
+
+    ``blocks``: one model's rows of one view (``nominal`` or ``matched``), with columns
+    ``method``, ``temperature``, ``top_k`` (only 0 is used), the block key, ``p_true`` and
+    ``ref_p_true`` (summed over the block). Twins are averaged first (:func:`family_blocks`).
+    ``R(band) = 1 - Q_method(band) / Q_reference(band)``; the statistics are
+
+    * C3 (4-bit more sensitive at low T), per 4-bit family: ``S = R(low) - R(high) > 0``;
+    * C3, later version (most sensitive for T in ``mid``), per 4-bit family: ``R(mid) - R(rest)
+      > 0``, ``rest`` = every other T > 0 of the grid;
+    * C2 (nf4 and fp4 behave differently across temperatures): ``D = [R_fp4 - R_nf4](low) -
+      [R_fp4 - R_nf4](high)`` differs from 0 (two-sided, equivalence ``margin``);
+    * C2, later version (nf4 more resilient at low T): ``R_fp4(low) - R_nf4(low) > 0``.
+
+    One row per statistic: estimate, paired bootstrap interval over blocks, verdict, direction.
+    """
+    fam = family_blocks(blocks[blocks.top_k == 0])
+    temps = sorted(t for t in fam.temperature.unique() if t > 0)
+    rest = [t for t in temps if not mid[0] - 1e-9 <= t <= mid[1] + 1e-9]
+    if not rest:
+        raise ValueError(f"no temperature outside {list(mid)} to compare with")
+
+    def cols(method: str, band: Sequence[float], tag: str) -> dict[str, pd.Series]:
+        g = fam[fam.method == method]
+        return {f"m_{tag}": band_sums(g, band, "p_true"), f"r_{tag}": band_sums(g, band, "ref_p_true")}
+
+    def rest_cols(method: str) -> dict[str, pd.Series]:
+        g = fam[(fam.method == method) & fam.temperature.isin(rest)]
+        return {"m_rest": g.groupby(BLOCK_KEY).p_true.mean(), "r_rest": g.groupby(BLOCK_KEY).ref_p_true.mean()}
+
+    rows = []
+
+    def add(claim, version, subject, statistic, est_lo_hi, verdict, positive, negative):
+        est, lo_ci, hi_ci = est_lo_hi
+        rows.append({"claim": claim, "version": version, "subject": subject, "statistic": statistic,
+                     "estimate": est, "ci_low": lo_ci, "ci_high": hi_ci, "verdict": verdict,
+                     "direction": positive if est > 0 else negative})
+
+    for fm in [f for f in ("nf4", "fp4") if f in set(fam.method)]:
+        ci = contrast_ci({**cols(fm, low, "low"), **cols(fm, high, "high")},
+                         lambda c: loss(c["m_low"], c["r_low"]) - loss(c["m_high"], c["r_high"]), n_boot, level, seed)
+        add("C3", "first", fm, "S = R(low) - R(high)", ci, sign_verdict(*ci[1:]),
+            "loses more at low T", "loses less at low T")
+        ci = contrast_ci({**cols(fm, mid, "mid"), **rest_cols(fm)},
+                         lambda c: loss(c["m_mid"], c["r_mid"]) - loss(c["m_rest"], c["r_rest"]), n_boot, level, seed)
+        add("C3", "later", fm, f"R(T in {list(mid)}) - R(other T)", ci, sign_verdict(*ci[1:]),
+            f"loses most in {list(mid)}", f"loses less in {list(mid)} than elsewhere")
+    if {"nf4", "fp4"} <= set(fam.method):
+        both = {f"{fm}_{k}": v for fm in ("nf4", "fp4") for k, v in {**cols(fm, low, "low"), **cols(fm, high, "high")}.items()}
+
+        def gap(c, band):
+            return loss(c[f"fp4_m_{band}"], c[f"fp4_r_{band}"]) - loss(c[f"nf4_m_{band}"], c[f"nf4_r_{band}"])
+
+        ci = contrast_ci(both, lambda c: gap(c, "low") - gap(c, "high"), n_boot, level, seed)
+        add("C2", "first", "nf4 vs fp4", "D = [R_fp4 - R_nf4](low) - [R_fp4 - R_nf4](high)", ci,
+            differs_verdict(*ci[1:], margin), "fp4 falls behind nf4 more at low T", "fp4 falls behind nf4 more at high T")
+        ci = contrast_ci(both, lambda c: gap(c, "low"), n_boot, level, seed)
+        add("C2", "later", "nf4 vs fp4", "R_fp4(low) - R_nf4(low)", ci, sign_verdict(*ci[1:]),
+            "nf4 more resilient at low T", "fp4 more resilient at low T")
+    return pd.DataFrame(rows)
+
+
+def matched_view(blocks: pd.DataFrame) -> pd.DataFrame:
+    """The method's nominal rows (top-k off) with the reference columns replaced by the reference
+    at ``tau * T`` (the unit's ``matched`` rows): the comparison with the method's temperature
+    shift removed. Greedy rows (T = 0) are the same in both views."""
+    key = ["model", "method", "temperature", *BLOCK_KEY]
+    nominal = blocks[(blocks.view == "nominal") & (blocks.top_k == 0)]
+    matched = blocks[blocks.view == "matched"].set_index(key)[["ref_p_true", "ref_logloss", "ref_temperature"]]
+    out = nominal.drop(columns=["ref_p_true", "ref_logloss", "ref_temperature"], errors="ignore").join(matched, on=key)
+    greedy = out.temperature == 0
+    out.loc[greedy, ["ref_p_true", "ref_logloss"]] = nominal.loc[greedy, ["ref_p_true", "ref_logloss"]].to_numpy()
+    return out.assign(view="matched")

@@ -81,7 +81,8 @@ def next_token_measures(ref_logits: torch.Tensor, logits: torch.Tensor, temperat
     row per (prompt index, T, k) with ``tv`` (total variation), ``kl`` (KL(ref || method), inf when
     the method's top-k misses a token the reference's keeps), ``top1_agree``, ``entropy`` (nats,
     of the method's distribution), ``p_answer`` (method's probability of ``answer_ids[i]``, NaN
-    when < 0) and ``ref_p_answer``.
+    when < 0), ``ref_p_answer``, and their logarithms ``logp_answer`` / ``ref_logp_answer``
+    (computed in log space, so the log-loss stays exact where the probability underflows).
 
     Cost: the top-k selection is made once (it does not depend on T) and its points are computed
     for all temperatures together, as ``[P, T, k]`` blocks; the dense (k off) points
@@ -100,7 +101,8 @@ def next_token_measures(ref_logits: torch.Tensor, logits: torch.Tensor, temperat
     if kmax:
         ref_vals, ref_idx = ref.topk(kmax, dim=-1)  # sorted, exactly kmax per row
         x_vals, x_idx = x.topk(kmax, dim=-1)
-    cols: dict[str, list[torch.Tensor]] = {c: [] for c in ("tv", "kl", "entropy", "p_answer", "ref_p_answer")}
+    cols: dict[str, list[torch.Tensor]] = {c: [] for c in ("tv", "kl", "entropy", "p_answer", "ref_p_answer",
+                                                           "logp_answer", "ref_logp_answer")}
     grid: list[tuple[float, int]] = []  # (T, k) of each emitted block, as given (no float32 rounding)
 
     def emit(T, k, *values):
@@ -126,8 +128,11 @@ def next_token_measures(ref_logits: torch.Tensor, logits: torch.Tensor, temperat
         q_at_p = torch.where(found, q.gather(2, pos), 0.0)
         # every kept token has p > 0 (however small), so KL is infinite when the kept sets differ
         kl = torch.where(found.all(-1), (p * (log_p - log_q.gather(2, pos))).sum(-1), float("inf"))
+        # log p of the answer: -inf where it is not among the kept tokens
+        logp_ans = [torch.where(hit, lg, float("-inf")).amax(-1)
+                    for hit, lg in (((idx_q == ans)[:, None, :], log_q), ((idx_p == ans)[:, None, :], log_p))]
         sparse[k] = [1 - torch.minimum(p, q_at_p).sum(-1), kl, -(q * log_q).sum(-1),
-                     ((idx_q == ans)[:, None, :] * q).sum(-1), ((idx_p == ans)[:, None, :] * p).sum(-1)]
+                     logp_ans[0].exp(), logp_ans[1].exp(), *logp_ans]
     for T in temperatures:
         if T == 0:
             zero, agree = torch.zeros(P), top1.float()
@@ -135,7 +140,7 @@ def next_token_measures(ref_logits: torch.Tensor, logits: torch.Tensor, temperat
             p_ans = (x_top == ans[:, 0]).float()
             ref_p_ans = (ref_top == ans[:, 0]).float()
             for k in top_ks:  # top-k is irrelevant to greedy decoding
-                emit(T, k, 1 - agree, kl, zero, p_ans, ref_p_ans)
+                emit(T, k, 1 - agree, kl, zero, p_ans, ref_p_ans, p_ans.log(), ref_p_ans.log())
             continue
         t = hot.index(T)
         for k in top_ks:
@@ -151,9 +156,11 @@ def next_token_measures(ref_logits: torch.Tensor, logits: torch.Tensor, temperat
     ks = [k for _, k in grid for _ in range(P)]
     index, answered, agree = list(range(P)) * n, has_answer.tolist() * n, top1.tolist() * n
     return [{"prompt_index": i, "temperature": T, "top_k": k, "tv": tv, "kl": kl, "top1_agree": a,
-             "entropy": e, "p_answer": pa if h else nan, "ref_p_answer": rpa if h else nan}
-            for i, T, k, tv, kl, a, e, pa, rpa, h in zip(index, temps, ks, out["tv"], out["kl"], agree,
-                                                       out["entropy"], out["p_answer"], out["ref_p_answer"], answered)]
+             "entropy": e, "p_answer": pa if h else nan, "ref_p_answer": rpa if h else nan,
+             "logp_answer": lpa if h else nan, "ref_logp_answer": rlpa if h else nan}
+            for i, T, k, tv, kl, a, e, pa, rpa, lpa, rlpa, h in zip(
+                index, temps, ks, out["tv"], out["kl"], agree, out["entropy"], out["p_answer"], out["ref_p_answer"],
+                out["logp_answer"], out["ref_logp_answer"], answered)]
 
 
 def row_argmax(x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
@@ -190,7 +197,8 @@ EXP2_ZERO = -150.0  # float32 exp2(y) is exactly 0.0 for y < -150 (below the sma
 
 def _dense_measures(ref: torch.Tensor, x: torch.Tensor, temperatures: list[float],
                     ans: torch.Tensor) -> dict[float, tuple[torch.Tensor, ...]]:
-    """(tv, kl, entropy, p_answer, ref_p_answer) per prompt for each T > 0, top-k off.
+    """(tv, kl, entropy, p_answer, ref_p_answer, logp_answer, ref_logp_answer) per prompt for each
+    T > 0, top-k off.
 
     The cost is ``exp`` of two ``[V]`` rows at every T (10M exponentials per Gemma-3 prompt), so
     the loop is arranged for it (``benchmarks/sweep_costs.py`` measures the result):
@@ -215,7 +223,7 @@ def _dense_measures(ref: torch.Tensor, x: torch.Tensor, temperatures: list[float
     threads = torch.get_num_threads()
     workers = max(1, min(threads, P))
     order = sorted(range(len(temperatures)), key=lambda t: -temperatures[t])
-    out = torch.empty(len(temperatures), 5, P, dtype=torch.float64)
+    out = torch.empty(len(temperatures), 7, P, dtype=torch.float64)
 
     def rows(first: int) -> None:
         flushed = torch.set_flush_denormal(True)  # per thread (the CPU's MXCSR register)
@@ -249,7 +257,8 @@ def dense_workspace(V: int) -> list[torch.Tensor]:
 
 def _dense_row(ref: torch.Tensor, x: torch.Tensor, temperatures: list[float], order: list[int],
                j: int, workspace: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """``[T, 5]`` float64: (tv, kl, entropy, p_answer, ref_p_answer) for one prompt (see above).
+    """``[T, 7]`` float64: (tv, kl, entropy, p_answer, ref_p_answer, logp_answer, ref_logp_answer)
+    for one prompt (see above).
 
     ``workspace``: from :func:`dense_workspace` (allocated here if None)."""
     V = ref.shape[0]
@@ -267,7 +276,7 @@ def _dense_row(ref: torch.Tensor, x: torch.Tensor, temperatures: list[float], or
     sample = rows[4, ::64].sort().values  # predicts how many tokens a threshold keeps
     n = V
     e, diff = e_buf[:2 * n].view(2, n), diff_buf[:n]
-    result = torch.empty(len(temperatures), 5, dtype=torch.float64)
+    result = torch.empty(len(temperatures), 7, dtype=torch.float64)
     for t in order:
         s = 1.0 / temperatures[t]
         kept = 1 - int(torch.searchsorted(sample, EXP2_ZERO / s)) / len(sample)
@@ -286,7 +295,9 @@ def _dense_row(ref: torch.Tensor, x: torch.Tensor, temperatures: list[float], or
             float(torch.dot(ea, rows[2])) * s / za - (lza - lzb),
             lzb - float(torch.dot(eb, rows[3])) * s / zb,
             math.exp(bj * s) / zb,
-            math.exp(aj * s) / za), dtype=torch.float64)
+            math.exp(aj * s) / za,
+            bj * s - lzb,
+            aj * s - lza), dtype=torch.float64)
     return result
 
 
@@ -314,10 +325,32 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_k: int, uniforms
     """Draw one token per row by inverse-CDF sampling with the given uniforms (T == 0: argmax)."""
     if temperature == 0:
         return logits.float().argmax(-1)
-    probs = next_token_probs(logits, temperature, top_k).double()
-    cdf = probs.cumsum(-1)
-    u = uniforms.double().to(cdf.device)[:, None] * cdf[:, -1:]
-    return torch.searchsorted(cdf, u).squeeze(1).clamp_max(probs.shape[-1] - 1)
+    return inverse_cdf(next_token_probs(logits, temperature, top_k), uniforms)
+
+
+def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """Per row of ``probs`` ``[B, V]``: the first token whose cumulative probability reaches
+    ``u * total`` (``u`` in (0, 1) from ``uniforms``). Tokens of probability 0 are never drawn.
+
+    The cumulative sums are taken in float64 in two levels, over the ``V / block`` block totals
+    and then within the one block that holds ``u``: a float64 cumsum over a whole ``[B, 262k]``
+    row block took 10-20% of a decoding step.
+    """
+    B, V = probs.shape
+    n_blocks = -(-V // block)
+    if n_blocks * block != V:  # pad with zero-probability tokens, which are never drawn
+        probs = torch.nn.functional.pad(probs, (0, n_blocks * block - V))
+    blocks = probs.view(B, n_blocks, block)
+    totals = blocks.sum(-1, dtype=torch.float64)
+    ends = totals.cumsum(-1)  # probability mass up to the end of each block
+    u = uniforms.double().to(probs.device)[:, None] * ends[:, -1:]
+    b = torch.searchsorted(ends, u).clamp_max(n_blocks - 1)  # the block where the CDF reaches u
+    before = torch.where(b > 0, ends.gather(1, (b - 1).clamp_min(0)), 0.0)
+    inner = blocks[torch.arange(B, device=probs.device), b[:, 0]].double().cumsum(-1)
+    j = torch.searchsorted(inner, u - before)
+    # rounding may put u - before just above the block's own sum: take its last non-zero token
+    j = torch.minimum(j, torch.searchsorted(inner, inner[:, -1:].contiguous()))
+    return (b * block + j).squeeze(1).clamp_max(V - 1)  # NaN rows (overflowed logits) still get a valid index
 
 
 # --------------------------------------------------------------------------- generation
@@ -340,35 +373,72 @@ class Generation:
     tokens: torch.Tensor
     prompt_ids: list[list[int]]
     finite: torch.Tensor  # [B] bool: False where some step's logits had inf/NaN (fp16 overflow)
+    nll: torch.Tensor | None = None  # [B, max_new_tokens]: -log p(token) under the generating model at T = 1
+
+
+def _per_row(value, n: int, name: str) -> list:
+    """A per-prompt list from one value or a list of ``n`` values."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * n
+    if len(values) != n:
+        raise ValueError(f"{n} prompts but {len(values)} {name} values")
+    return values
+
+
+def _sample_groups(logits: torch.Tensor, groups: dict[tuple[float, int], torch.Tensor],
+                   uniforms: torch.Tensor) -> torch.Tensor:
+    """:func:`sample_tokens` for rows that differ in (temperature, top-k): one call per setting."""
+    if len(groups) == 1:
+        (temperature, top_k), = groups
+        return sample_tokens(logits, temperature, top_k, uniforms)
+    out = torch.empty(len(logits), dtype=torch.long, device=logits.device)
+    for (temperature, top_k), rows in groups.items():
+        out[rows] = sample_tokens(logits[rows], temperature, top_k, uniforms[rows.cpu()])
+    return out
 
 
 @torch.inference_mode()
-def generate(model, tokenizer, prompts: list[str], seeds: list[int], temperature: float, top_k: int,
-             max_new_tokens: int, batch_size: int = 64) -> Generation:
+def generate(model, tokenizer, prompts: list[str], seeds: list[int], temperature: float | list[float],
+             top_k: int | list[int], max_new_tokens: int, batch_size: int = 64, with_nll: bool = False) -> Generation:
     """Decode exactly ``max_new_tokens`` tokens for every prompt (no early stop at EOS).
 
-    Prompts are left-padded into batches of ``batch_size`` with explicit position ids, so a
-    sequence's logits do not depend on its neighbours (up to floating-point rounding).
+    ``temperature`` and ``top_k`` are one value for all prompts or one per prompt: sequences of
+    different settings can share a batch, which matters on a CPU, where a decoding step of 384
+    sequences costs about half as much per sequence as one of 72. Prompts are left-padded into
+    batches of ``batch_size`` with explicit position ids, so a sequence's logits do not depend on
+    its neighbours (up to floating-point rounding). ``with_nll`` also returns each token's NLL
+    under ``model`` itself (T = 1, no top-k): for the reference model that is
+    :func:`reference_nll` without a second forward pass.
     """
-    validate(temperature, top_k, max_new_tokens)
+    temperatures = _per_row(temperature, len(prompts), "temperature")
+    top_ks = _per_row(top_k, len(prompts), "top_k")
+    for T, k in set(zip(temperatures, top_ks)):
+        validate(T, k, max_new_tokens)
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     encoded = [tokenizer(p)["input_ids"] for p in prompts]
-    out, finite = [], []
+    out, finite, nlls = [], [], []
     for start in range(0, len(prompts), batch_size):
         ids = encoded[start:start + batch_size]
         seed_t = torch.tensor(seeds[start:start + batch_size], dtype=torch.long)
+        settings = list(zip(temperatures, top_ks))[start:start + batch_size]
+        groups = {s: torch.tensor([i for i, x in enumerate(settings) if x == s], device=device)
+                  for s in dict.fromkeys(settings)}
         input_ids, mask, pos = left_pad(ids, pad, device)
         # logits_to_keep=1: the prefill needs the lm_head at the last position only
         res = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-        cache, steps = res.past_key_values, []
+        cache, steps, step_nll = res.past_key_values, [], []
         ok = torch.ones(len(ids), dtype=torch.bool)
         for step in range(max_new_tokens):
-            ok &= torch.isfinite(res.logits[:, -1]).all(-1).cpu()
-            tok = sample_tokens(res.logits[:, -1], temperature, top_k, step_uniforms(seed_t, step)).to(device)
+            logits = res.logits[:, -1]
+            # one reduction instead of isfinite's three passes: a sum of finite logits stays finite
+            ok &= torch.isfinite(logits.sum(-1, dtype=torch.float32)).cpu()
+            tok = _sample_groups(logits, groups, step_uniforms(seed_t, step))
             steps.append(tok.cpu())
+            if with_nll:
+                x = logits.float()
+                step_nll.append((torch.logsumexp(x, -1) - x.gather(1, tok[:, None]).squeeze(1)).cpu())
             if step + 1 == max_new_tokens:
                 break
             mask = torch.cat([mask, mask.new_ones(len(ids), 1)], dim=1)
@@ -378,7 +448,9 @@ def generate(model, tokenizer, prompts: list[str], seeds: list[int], temperature
             cache = res.past_key_values
         out.append(torch.stack(steps, dim=1))
         finite.append(ok)
-    return Generation(torch.cat(out), encoded, torch.cat(finite))
+        if with_nll:
+            nlls.append(torch.stack(step_nll, dim=1))
+    return Generation(torch.cat(out), encoded, torch.cat(finite), torch.cat(nlls) if with_nll else None)
 
 
 # --------------------------------------------------------------------------- quality
