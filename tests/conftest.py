@@ -23,7 +23,7 @@ def smol_path() -> str:
 
 @pytest.fixture(scope="session")
 def loaded():
-    """Load a (model, method) once per test session and keep it."""
+    """Load a (model, method) once per pytest run and keep it."""
     cache: dict = {}
 
     def get(method: str, model: str = "smollm2-135m"):
