@@ -268,3 +268,26 @@ def matched_view(blocks: pd.DataFrame) -> pd.DataFrame:
     greedy = out.temperature == 0
     out.loc[greedy, ["ref_p_true", "ref_logloss"]] = nominal.loc[greedy, ["ref_p_true", "ref_logloss"]].to_numpy()
     return out.assign(view="matched")
+
+
+def loss_curve(blocks: pd.DataFrame, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> pd.DataFrame:
+    """Per (model, method, view, T): the expected next-word accuracy of the method and of the
+    reference it is compared with (``Q``, ``Q_ref``: sums over positions / positions) and the
+    relative loss ``R = 1 - Q / Q_ref`` with its paired bootstrap interval over blocks."""
+    rows = []
+    for (model, method, view, T), g in blocks.groupby(["model", "method", "view", "temperature"]):
+        g = g.set_index(BLOCK_KEY)
+        est, lo, hi = contrast_ci({"m": g.p_true, "r": g.ref_p_true}, lambda c: loss(c["m"], c["r"]), n_boot, level,
+                                  seed)
+        rows.append({"model": model, "method": method, "view": view, "temperature": T,
+                     "Q": g.p_true.sum() / g.n.sum(), "Q_ref": g.ref_p_true.sum() / g.n.sum(),
+                     "R": est, "R_low": lo, "R_high": hi})
+    return pd.DataFrame(rows)
+
+
+def bonferroni_level(n_statistics: int, level: float = 0.95) -> float:
+    """Interval level that keeps the chance of any false "holds" among ``n_statistics`` read at
+    once below ``1 - level`` (Bonferroni)."""
+    if n_statistics < 1:
+        raise ValueError(f"need at least one statistic, got {n_statistics}")
+    return 1 - (1 - level) / n_statistics

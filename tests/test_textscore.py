@@ -143,3 +143,13 @@ def test_matched_view_swaps_in_the_reference_at_the_effective_temperature():
     assert (view.view == "matched").all() and len(view) == len(nominal)
     assert np.allclose(view.p_true, view.ref_p_true)  # a pure temperature shift: no loss left
     assert sorted(view.ref_temperature.unique()) == pytest.approx([0.6, 1.2])
+
+
+def test_loss_curve_and_bonferroni():
+    blocks = _blocks({"nf4": (0.2, 0.1)})
+    curve = analysis.loss_curve(blocks, n_boot=50).set_index("temperature")
+    assert curve.loc[0.5, "R"] == pytest.approx(0.2) and curve.loc[1.0, "R"] == pytest.approx(0.1)
+    assert curve.loc[0.5, "Q_ref"] == pytest.approx(sum(10.0 + b for b in range(5)) / 100)
+    assert analysis.bonferroni_level(10) == pytest.approx(0.995)
+    with pytest.raises(ValueError):
+        analysis.bonferroni_level(0)
