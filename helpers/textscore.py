@@ -254,14 +254,17 @@ class TextStudy:
             if not methods:
                 continue
             windows = self._windows(model_name)
-            ref_model, _ = registry.load(model_name, c.reference, c.device, c.compute_dtype)
-            ref_s, ref_logits = timed(lambda: [window_logits(ref_model, w) for w in windows], c.device)
-            del ref_model
+            ref_s, ref_logits = timed(lambda: self._reference_logits(model_name, windows), c.device)
             for method in methods:
                 model = registry.load(model_name, method, c.device, c.compute_dtype)[0]
                 self._unit(model_name, method, model, windows, ref_logits, ref_s, bar)
                 del model
         bar.close()
+
+    def _reference_logits(self, model_name: str, windows: list[Window]) -> list[torch.Tensor]:
+        c = self.cfg
+        ref_model = registry.load(model_name, c.reference, c.device, c.compute_dtype)[0]
+        return [window_logits(ref_model, w) for w in windows]
 
     def _windows(self, model_name: str) -> list[Window]:
         tok = registry.load_tokenizer(model_name)
