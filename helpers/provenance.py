@@ -2,8 +2,13 @@
 
 Every table a notebook saves goes through :func:`save_table`: a CSV for the numbers and a
 JSON sidecar of the same name (``x.csv`` -> ``x.provenance.json``) recording what produced
-it: notebook, parameters, models and methods, package versions, device, thread settings,
-machine load, git commit and date. :func:`load_table` reads both back.
+it: notebook, parameters, models and methods, package versions, device and hardware class,
+thread settings, machine load, git commit and date. :func:`load_table` reads both back.
+
+**Which code made it.** ``git_commit`` is the commit checked out and ``sources_modified``
+says whether the sources that compute results (:data:`SOURCES`) differed from it. Outputs a
+run writes into the repository (``data/``, ``figures/``, ``notebooks/executed/``) do not
+count, so a run from a clean checkout is recorded as clean although it changes the tree.
 """
 
 from __future__ import annotations
@@ -21,21 +26,38 @@ import pandas as pd
 import torch
 
 from . import REPO_ROOT
-from .runtime import machine_load, thread_settings
+from .runtime import cpu_description, hardware_class, machine_load, thread_settings
 
 PACKAGES = ("torch", "transformers", "bitsandbytes", "accelerate", "numpy", "pandas", "gguf")
 
+#: Paths (relative to the repository root) whose content decides the results ...
+SOURCES = ("helpers", "notebooks", "params", "pyproject.toml")
+#: ... except these outputs inside them.
+OUTPUTS_IN_SOURCES = ("notebooks/executed",)
 
-def git_commit() -> str:
-    """``git describe --always --dirty`` of the repository, or ``"unknown"`` outside git."""
+
+def _git(root: Path, *args: str) -> str | None:
+    """stdout of ``git args`` in ``root``, or ``None`` outside git (or without git)."""
     try:
-        out = subprocess.run(
-            ["git", "describe", "--always", "--dirty", "--abbrev=12"],
-            cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True,
-        )
-        return out.stdout.strip()
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=True)
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return None
+    return out.stdout
+
+
+def git_commit(root: Path = REPO_ROOT) -> str:
+    """Abbreviated hash (12 digits) of the commit checked out in ``root``; ``"unknown"`` outside git."""
+    out = _git(root, "rev-parse", "--short=12", "HEAD")
+    return out.strip() if out else "unknown"
+
+
+def sources_modified(root: Path = REPO_ROOT) -> bool | None:
+    """Whether :data:`SOURCES` differ from the commit checked out in ``root`` (edited, added,
+    deleted or untracked files; outputs under :data:`OUTPUTS_IN_SOURCES` ignored); ``None``
+    outside git."""
+    pathspec = [*SOURCES, *(f":(exclude){p}" for p in OUTPUTS_IN_SOURCES)]
+    out = _git(root, "status", "--porcelain", "--untracked-files=all", "--", *pathspec)
+    return None if out is None else bool(out.strip())
 
 
 def package_versions() -> dict[str, str]:
@@ -49,24 +71,10 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def cpu_description() -> dict[str, Any]:
-    """CPU model and the SIMD flags that decide which bitsandbytes kernels run."""
-    model, flags = platform.processor() or "unknown", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
-    return {"cpu": model, "cpu_flags": sorted(f for f in wanted if f in flags)}
-
-
 def device_description(device: str = "cpu") -> dict[str, Any]:
-    """What the computation ran on: CPU model and flags, plus the GPU name on CUDA."""
-    desc: dict[str, Any] = {"device": device, **cpu_description()}
+    """What the computation ran on: hardware class (:func:`helpers.runtime.hardware_class`),
+    CPU model and flags, plus the GPU name on CUDA."""
+    desc: dict[str, Any] = {"device": device, "hardware_class": hardware_class(device), **cpu_description()}
     if device.startswith("cuda") and torch.cuda.is_available():
         desc["gpu"] = torch.cuda.get_device_name(device)
         desc["cuda"] = torch.version.cuda
@@ -80,6 +88,7 @@ def provenance(device: str = "cpu", **extra: Any) -> dict[str, Any]:
         **extra,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": git_commit(),
+        "sources_modified": sources_modified(),
         "packages": package_versions(),
         **device_description(device),
         "threads": thread_settings(),

@@ -12,22 +12,35 @@ A parameters file has three kinds of top-level keys::
     01_load_and_quantize:   # passed to that notebook only; an undeclared name is an error
       max_eval_tokens: 512
 
-Notebooks run with ``notebooks/`` as working directory, so relative ``data_dir`` and
-``figures_dir`` parameters resolve as they do in JupyterLab. The executed copy of each
-notebook is kept in ``executed_dir`` and stamped (``metadata.compendium``) with the hash of
-the source notebook's cells, so a test can tell a stale executed copy from a fresh one.
-The run stops at the first failing notebook and names the notebook and the cell.
+Before the first notebook starts, every selected notebook's parameters are checked: names the
+notebook does not declare, values of the wrong type or out of range (a string where the
+notebook has a list, a negative temperature ...), and, where a notebook declares them,
+``models`` (each one available: see :func:`helpers.models.check_available`), ``methods``,
+``reference`` and ``device``. A bad value fails in seconds naming the notebook and the key,
+instead of after the notebooks before it have run.
+
+Notebooks run with ``notebooks/`` as working directory, so relative ``data_dir``,
+``figures_dir`` and model folder parameters resolve as they do in JupyterLab. The executed
+copy of each notebook is kept in ``executed_dir`` and stamped (``metadata.compendium``) with
+the hash of the source notebook's cells, so a test can tell a stale executed copy from a
+fresh one. The run stops at the first failing notebook and names the notebook and the cell.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import contextlib
+import functools
 import hashlib
 import json
+import numbers
 import os
 import re
+import reprlib
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -75,9 +88,24 @@ def load_params(path: Path) -> dict[str, Any]:
 
 def declared_parameters(notebook: Path) -> set[str]:
     """Names assigned in the notebook's ``parameters`` cell."""
+    return set(parameter_defaults(notebook))
+
+
+_NO_LITERAL = object()  # a default that is an expression, not a literal: its type is not checked
+
+
+def parameter_defaults(notebook: Path) -> dict[str, Any]:
+    """Name -> default value of every parameter the notebook declares (the literal in its
+    ``parameters`` cell; :data:`_NO_LITERAL` where the default is an expression)."""
     import papermill as pm
 
-    return set(pm.inspect_notebook(str(notebook)).keys())
+    defaults = {}
+    for name, info in pm.inspect_notebook(str(notebook)).items():
+        try:
+            defaults[name] = ast.literal_eval(info["default"])
+        except (ValueError, SyntaxError, TypeError):
+            defaults[name] = _NO_LITERAL
+    return defaults
 
 
 def parameters_for(notebook: Path, params: dict[str, Any], declared: set[str]) -> dict[str, Any]:
@@ -101,6 +129,132 @@ def check_sections(params: dict[str, Any], notebooks: list[Path]) -> None:
                                  + ", ".join(sorted(names - {'runner', 'all'})))
 
 
+#: Smallest allowed value (of each element, for lists) by parameter name; temperatures and top-k
+#: (any name ending in ``temperature(s)`` or ``top_k(s)``) must be >= 0.
+AT_LEAST = {"threads": 1, "batch_size": 1, "batch_sizes": 1, "max_new_tokens": 1, "n_seeds": 1, "repeats": 1,
+            "n_boot": 1, "prompt_tokens": 1, "eval_window": 1, "max_eval_tokens": 1}
+NON_NEGATIVE = re.compile(r"(temperatures?|top_ks?)$")
+#: Parameters that :func:`check_inputs` checks against this machine.
+INPUT_KEYS = {"device", "methods", "confound_methods", "reference", "models"}
+
+
+def _type_name(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, numbers.Integral):
+        return "an integer"
+    if isinstance(value, numbers.Real):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "a list" if isinstance(value, (list, tuple)) else "a mapping" if isinstance(value, dict) else type(value).__name__
+
+
+def _fits(value: Any, default: Any) -> bool:
+    """Whether ``value`` has the type of ``default`` (an int where a float is expected fits)."""
+    if default is None or default is _NO_LITERAL:
+        return True
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, numbers.Integral):
+        return isinstance(value, numbers.Integral)
+    if isinstance(default, numbers.Real):
+        return isinstance(value, numbers.Real)
+    if isinstance(default, (list, tuple)):
+        return isinstance(value, (list, tuple)) and (not default or all(any(_fits(v, d) for d in default) for v in value))
+    return isinstance(value, type(default))
+
+
+def check_values(notebook: Path, values: dict[str, Any], defaults: dict[str, Any]) -> None:
+    """Types and ranges of ``values`` against the notebook's defaults and :data:`AT_LEAST`;
+    ``ParameterFileError`` naming the notebook and key. Needs no models and no network."""
+    for key, value in values.items():
+        default = defaults.get(key, _NO_LITERAL)
+        if not _fits(value, default):
+            raise ParameterFileError(f"{notebook.name}: {key} must be {_type_name(default)} like "
+                                     f"{reprlib.repr(default)}, got {reprlib.repr(value)}")
+        items = value if isinstance(value, (list, tuple)) else [value]
+        low = AT_LEAST.get(key, 0 if NON_NEGATIVE.search(key) else None)
+        if low is not None:
+            bad = [v for v in items if isinstance(v, numbers.Real) and not isinstance(v, bool) and not v >= low]
+            if bad:
+                raise ParameterFileError(f"{notebook.name}: {key} must be >= {low}, got {bad[0]!r}")
+
+
+def check_inputs(notebook: Path, values: dict[str, Any], timeout_s: float = 5.0,
+                 seen_models: dict[str, str | None] | None = None) -> None:
+    """Check ``device``, ``methods`` and ``confound_methods``, ``reference`` and ``models`` of one
+    notebook on this machine, without loading anything; ``ParameterFileError`` naming the
+    notebook and key. Relative model folders are resolved from the working directory, so call
+    it from ``notebooks/`` as :func:`check_plan` does.
+
+    ``seen_models`` (model -> error or ``None``) carries results over from other notebooks, so
+    each model is looked up once per run.
+    """
+    if not INPUT_KEYS & values.keys():
+        return  # nothing to check: spare the import of torch
+    from .methods import get_method, validate_methods
+    from .models import check_available
+    from .runtime import resolve_device
+
+    seen = {} if seen_models is None else seen_models
+
+    def reference(name: str) -> None:
+        get_method(name)
+        if "methods" in values and name not in values["methods"]:
+            raise ValueError(f"{name!r} is not one of methods {values['methods']}")
+
+    def models(names: list[str]) -> None:
+        if isinstance(names, str) or not names:
+            check_available(names)  # raises its one-line error for a string or an empty list
+        for name in names:
+            key = repr(name)
+            if key not in seen:
+                try:
+                    check_available([name], timeout_s=timeout_s)
+                    seen[key] = None
+                except ValueError as err:
+                    seen[key] = str(err)
+            if seen[key]:
+                raise ValueError(seen[key])
+
+    checks = {"device": resolve_device, "methods": validate_methods, "confound_methods": validate_methods,
+              "reference": reference, "models": models}  # in this order: models may ask the network
+    for key, check in checks.items():
+        if key in values:
+            try:
+                check(values[key])
+            except ValueError as err:
+                raise ParameterFileError(f"{notebook.name}: {key}: {err}") from None
+
+
+def _warn_one_line(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def check_plan(notebooks: list[Path], params: dict[str, Any], notebooks_dir: Path = NOTEBOOKS_DIR,
+               timeout_s: float = 5.0) -> list[tuple[Path, dict[str, Any]]]:
+    """``(notebook, parameters)`` for each notebook, every value checked (:func:`parameters_for`,
+    :func:`check_values`, then :func:`check_inputs` on the values the notebook will use: its
+    defaults overlaid with ``params``) before any notebook runs."""
+    start = time.perf_counter()
+    plan, all_defaults, seen_models = [], [], {}
+    for nb in notebooks:
+        defaults = parameter_defaults(nb)
+        values = parameters_for(nb, params, set(defaults))
+        check_values(nb, values, defaults)
+        plan.append((nb, values))
+        all_defaults.append(defaults)
+    with contextlib.chdir(notebooks_dir), warnings.catch_warnings():
+        warnings.simplefilter("always")  # e.g. "the Hub cannot be reached", once per model
+        warnings.showwarning = _warn_one_line
+        for (nb, values), defaults in zip(plan, all_defaults):
+            literal = {k: v for k, v in defaults.items() if v is not _NO_LITERAL}
+            check_inputs(nb, {**literal, **values}, timeout_s, seen_models)
+    print(f"parameters of {len(plan)} notebook(s) checked in {time.perf_counter() - start:.1f} s", flush=True)
+    return plan
+
+
 def run(params_file: Path, only: list[str] | None = None, executed_dir: Path | None = None,
         notebooks_dir: Path = NOTEBOOKS_DIR) -> list[dict]:
     """Execute the selected notebooks; return one summary row per notebook.
@@ -116,11 +270,10 @@ def run(params_file: Path, only: list[str] | None = None, executed_dir: Path | N
         notebooks = [nb for nb in notebooks if any(nb.stem.startswith(o) for o in only)]
         if not notebooks:
             raise ParameterFileError(f"--only {only} matches no notebook")
+    plan = check_plan(notebooks, params, notebooks_dir)
     out_dir = Path(executed_dir or params.get("runner", {}).get("executed_dir", "build/executed"))
     out_dir = out_dir if out_dir.is_absolute() else REPO_ROOT / out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    # checked for every notebook before the first one runs
-    plan = [(nb, parameters_for(nb, params, declared_parameters(nb))) for nb in notebooks]
 
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read by OpenMP when the kernel starts
     summary = []
@@ -131,7 +284,8 @@ def run(params_file: Path, only: list[str] | None = None, executed_dir: Path | N
         start = time.perf_counter()
         try:
             pm.execute_notebook(str(nb), str(target), parameters=values, cwd=str(notebooks_dir),
-                                kernel_name="python3", progress_bar=True, log_output=False)
+                                kernel_name="python3", progress_bar=True, log_output=False,
+                                kernel_manager_class=kernel_manager_class())
         except pm.PapermillExecutionError as err:
             cell = source_cell_number(target, err.cell_index)
             first_line = (err.source or "").strip().splitlines()[:1]
@@ -146,6 +300,30 @@ def run(params_file: Path, only: list[str] | None = None, executed_dir: Path | N
     total = sum(r["seconds"] for r in summary)
     print(f"all {len(summary)} notebook(s) done in {total:.0f} s; executed copies in {out_dir}")
     return summary
+
+
+@functools.cache
+def kernel_manager_class() -> type:
+    """The kernel manager for papermill: encrypts the local kernel's channels (CurveZMQ).
+
+    A kernel talking plain TCP prints "Kernel is running over TCP without encryption ..." for
+    every notebook; with keys provisioned by the manager (``transport_encryption="auto"``, for
+    kernels that declare support, as ipykernel does) it has no reason to. Where pyzmq lacks
+    CurveZMQ this is the plain manager, and the kernel keeps its warning.
+    """
+    import zmq
+    from jupyter_client import AsyncKernelManager
+    from traitlets import default
+
+    if not zmq.has("curve") or "transport_encryption" not in AsyncKernelManager.class_trait_names():
+        return AsyncKernelManager
+
+    class EncryptedKernelManager(AsyncKernelManager):
+        @default("transport_encryption")
+        def _encrypt_when_supported(self) -> str:
+            return "auto"
+
+    return EncryptedKernelManager
 
 
 def source_cell_number(executed: Path, cell_index: int) -> int:

@@ -1,8 +1,8 @@
-"""Thread control, quiet logging, machine-load readings and a synchronized timer.
+"""Thread control, quiet logging, machine-load readings, the hardware class and a synchronized timer.
 
 Timings on a shared 2-core machine are only comparable when the thread count and the
-OpenMP wait policy are fixed and recorded (REFERENCE: with another busy process, default
-OpenMP spinning made runs up to 3x slower). ``OMP_WAIT_POLICY`` is read by the OpenMP
+OpenMP wait policy are fixed and recorded (with another busy process, default OpenMP
+spinning made runs up to 3x slower). ``OMP_WAIT_POLICY`` is read by the OpenMP
 runtime when it starts, so it must be in the environment *before* Python starts: the
 Makefile and :mod:`helpers.runner` export ``OMP_WAIT_POLICY=PASSIVE``.
 """
@@ -11,13 +11,20 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
+import re
 import time
 import warnings
-from typing import Any, Callable, TypeVar
+from pathlib import Path
+from typing import Any, Callable, Iterable, TypeVar
 
 import torch
 
 T = TypeVar("T")
+
+CPUINFO = Path("/proc/cpuinfo")
+#: CPU flags that decide which kernels torch and bitsandbytes use, recorded in provenance.
+SIMD_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
 
 
 def configure_threads(num_threads: int) -> dict[str, Any]:
@@ -69,15 +76,78 @@ def quiet() -> None:
     warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
 
 
+def cpu_description(cpuinfo: Path = CPUINFO) -> dict[str, Any]:
+    """CPU model and the SIMD flags (of :data:`SIMD_FLAGS`) that decide which kernels run."""
+    model, flags = platform.processor() or "unknown", set()
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return {"cpu": model, "cpu_flags": sorted(f for f in SIMD_FLAGS if f in flags)}
+
+
+def cpu_class(flags: Iterable[str]) -> str:
+    """``cpu-avx512bf16``, ``cpu-avx512``, ``cpu-avx2`` or ``cpu-generic`` from a CPU's flags.
+
+    AVX512-BF16 gets its own class because bitsandbytes switches its CPU 4-bit path on it: with
+    ``bitsandbytes.functional.has_avx512bf16()`` a ``Linear4bit`` repacks its weights for another
+    kernel at the first forward. AVX512 and AVX2 decide torch's matmul kernels.
+    """
+    flags = set(flags)
+    if "avx512_bf16" in flags:
+        return "cpu-avx512bf16"
+    if "avx512f" in flags:
+        return "cpu-avx512"
+    return "cpu-avx2" if "avx2" in flags else "cpu-generic"
+
+
+_GPU_VENDOR_WORDS = {"nvidia", "tesla", "geforce", "quadro", "amd", "instinct", "radeon"}
+_GPU_PREFIX_WORDS = {"rtx", "gtx", "titan", "pro", "rx"}
+
+
+def gpu_class(name: str, rocm: bool = False) -> str:
+    """``cuda-<short name>`` from a GPU's name: ``NVIDIA H100 80GB HBM3`` -> ``cuda-h100``,
+    ``NVIDIA A100-SXM4-40GB`` -> ``cuda-a100``, ``NVIDIA GeForce RTX 4090`` -> ``cuda-rtx4090``
+    (``rocm-...`` for AMD GPUs, which torch also calls ``cuda``)."""
+    words = [w for w in re.split(r"\s+", name.strip()) if w and w.lower() not in _GPU_VENDOR_WORDS]
+    short = ""
+    for word in words:
+        short += word.split("-")[0].lower()
+        if word.lower() not in _GPU_PREFIX_WORDS:
+            break
+    short = re.sub(r"[^a-z0-9]", "", short) or "unknown"
+    return f"{'rocm' if rocm else 'cuda'}-{short}"
+
+
+def hardware_class(device: str = "cpu", cpuinfo: Path = CPUINFO) -> str:
+    """The class of hardware ``device`` computes on, e.g. ``cpu-avx2`` or ``cuda-h100``.
+
+    Results (speed, and on CPU the bitsandbytes kernels and so the exact numbers) are
+    comparable within a class; every provenance record carries it.
+    """
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            return "cuda-unavailable"
+        return gpu_class(torch.cuda.get_device_name(device), rocm=torch.version.hip is not None)
+    return cpu_class(cpu_description(cpuinfo)["cpu_flags"])
+
+
 def resolve_device(device: str) -> str:
     """Validate a device string (``cpu``, ``cuda``, ``cuda:N``) against this machine."""
     if device == "cpu":
         return device
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
-        return device
-    raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
+    match = re.fullmatch(r"cuda(?::(\d+))?", device) if isinstance(device, str) else None
+    if not match:
+        raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available on this machine; use device 'cpu'")
+    if match.group(1) is not None and int(match.group(1)) >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def synchronize(device: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -82,6 +83,17 @@ def test_local_folder_needs_a_config(tmp_path):
         models.resolve(str(tmp_path))
     (tmp_path / "config.json").write_text("{}")
     assert models.resolve(str(tmp_path)) == str(tmp_path)
+
+
+def test_cli_checks_any_model_name(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-m", "helpers.models", "check", "smollm2-135m", "meta-llama/Llama-2-7b-hf"],
+                         check=False, capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1
+    assert "'meta-llama/Llama-2-7b-hf' is not in the local Hugging Face cache" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "helpers.models", "check", "smollm2-135m"],
+                         check=False, capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0 and out.stdout == "available: smollm2-135m\n"
 
 
 def test_cli_reports_one_line_errors():

@@ -45,7 +45,7 @@ def test_source_hash_ignores_outputs_and_injected_cells(tmp_path):
     assert runner.source_hash(dict(nb)) != h
 
 
-def test_run_stops_at_the_first_failure(tmp_path, capsys):
+def test_run_stops_at_the_first_failure(tmp_path, capfd):
     folder = tmp_path / "notebooks"
     folder.mkdir()
     _nb(folder / "01_ok.ipynb", "y = x * 2")
@@ -56,10 +56,32 @@ def test_run_stops_at_the_first_failure(tmp_path, capsys):
     with pytest.raises(SystemExit) as err:
         runner.run(params, executed_dir=tmp_path / "out", notebooks_dir=folder)
     assert err.value.code == 1
-    msg = capsys.readouterr().err
+    msg = capfd.readouterr().err  # the kernels' stderr too
+    assert "without encryption" not in msg  # see runner.kernel_manager_class
     assert "FAILED: 02_fail.ipynb, cell 3 counting from 1 (first line: \"raise RuntimeError('boom')\")" in msg
     assert "RuntimeError: boom" in msg
     assert (tmp_path / "out" / "01_ok.ipynb").exists()
     assert not (tmp_path / "out" / "03_never.ipynb").exists()
     meta = nbformat.read(tmp_path / "out" / "01_ok.ipynb", as_version=4).metadata["compendium"]
     assert meta["parameters"] == {"x": 5} and meta["source_sha256"] == runner.source_hash(folder / "01_ok.ipynb")
+
+
+def test_kernels_are_started_with_encrypted_channels():
+    import zmq
+    from jupyter_client import AsyncKernelManager
+
+    cls = runner.kernel_manager_class()
+    assert issubclass(cls, AsyncKernelManager)
+    if zmq.has("curve"):
+        assert cls().transport_encryption == "auto"
+
+
+def test_parameter_defaults_are_read_as_values(tmp_path):
+    nb = _nb(tmp_path / "01_a.ipynb", params='x = 1\nts = [0.0, 0.5]\nname = "a"\nn = len("ab")')
+    defaults = runner.parameter_defaults(nb)
+    assert {k: defaults[k] for k in ("x", "ts", "name")} == {"x": 1, "ts": [0.0, 0.5], "name": "a"}
+    runner.check_values(nb, {"n": "anything", "ts": [1, 2.5]}, defaults)  # an int fits a float list
+    with pytest.raises(runner.ParameterFileError, match="01_a.ipynb: name must be a string like 'a', got 3"):
+        runner.check_values(nb, {"name": 3}, defaults)
+    with pytest.raises(runner.ParameterFileError, match="x must be an integer like 1, got True"):
+        runner.check_values(nb, {"x": True}, defaults)
