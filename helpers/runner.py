@@ -151,8 +151,9 @@ def _type_name(value: Any) -> str:
 
 
 def _fits(value: Any, default: Any) -> bool:
-    """Whether ``value`` has the type of ``default`` (an int where a float is expected fits)."""
-    if default is None or default is _NO_LITERAL:
+    """Whether ``value`` has the type of ``default`` (an int where a float is expected fits;
+    ``None``, YAML's ``null``, always fits: notebooks use it for "no limit" and the like)."""
+    if value is None or default is None or default is _NO_LITERAL:
         return True
     if isinstance(default, bool) or isinstance(value, bool):
         return isinstance(value, bool) and isinstance(default, bool)

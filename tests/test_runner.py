@@ -81,6 +81,7 @@ def test_parameter_defaults_are_read_as_values(tmp_path):
     defaults = runner.parameter_defaults(nb)
     assert {k: defaults[k] for k in ("x", "ts", "name")} == {"x": 1, "ts": [0.0, 0.5], "name": "a"}
     runner.check_values(nb, {"n": "anything", "ts": [1, 2.5]}, defaults)  # an int fits a float list
+    runner.check_values(nb, {"x": None}, defaults)  # null: the notebook's "no value"
     with pytest.raises(runner.ParameterFileError, match="01_a.ipynb: name must be a string like 'a', got 3"):
         runner.check_values(nb, {"name": 3}, defaults)
     with pytest.raises(runner.ParameterFileError, match="x must be an integer like 1, got True"):
