@@ -27,6 +27,7 @@ that shift from a sensitivity curve.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -160,6 +161,18 @@ def expected_under(a: torch.Tensor, b: torch.Tensor, chunk: int = 64) -> torch.T
 
 
 # --------------------------------------------------------------------------- the study
+def code_digest(documents: dict[str, str]) -> str:
+    """Hash of the documents and of the code that computes a unit's numbers (sampling.py and the
+    measuring functions here): part of every unit key, so a change recomputes, while changes to
+    how units are scheduled do not."""
+    h = hashlib.sha256("".join(documents.values()).encode())
+    h.update(Path(sampling.__file__).read_bytes())
+    for fn in (text_windows, window_logits, block_sums, _expected_logit, matching_temperature, expected_under,
+               TextStudy._unit):
+        h.update(inspect.getsource(fn).encode())
+    return h.hexdigest()[:10]
+
+
 @dataclass
 class TextConfig:
     """Every setting that decides the running-text units' numbers (and so their keys)."""
@@ -192,6 +205,15 @@ class TextConfig:
         read_documents(self.manifest)
 
 
+    @classmethod
+    def from_parameters(cls, values: dict[str, Any]) -> TextConfig:
+        """The configuration from notebook 04's parameters (``models``, ``device``, ``text_*`` ...)."""
+        return cls(models=list(values["models"]), methods=list(values["text_methods"]), reference=values["reference"],
+                   device=values["device"], compute_dtype=values["compute_dtype"], manifest=values["text_manifest"],
+                   window=values["text_window"], block=values["text_block"],
+                   max_tokens_per_doc=values["text_max_tokens_per_doc"],
+                   temperatures=tuple(values["text_temperatures"]), top_ks=tuple(values["text_top_ks"]))
+
 
 class TextStudy:
     """Runs the (model, method) units of a :class:`TextConfig` that are not stored yet.
@@ -210,10 +232,7 @@ class TextStudy:
         if progress is None:
             from tqdm.auto import tqdm as progress
         self.progress = progress
-        h = hashlib.sha256("".join(self.documents.values()).encode())
-        for mod in (sampling.__file__, __file__):
-            h.update(Path(mod).read_bytes())
-        self.code = h.hexdigest()[:10]
+        self.code = code_digest(self.documents)
 
     def key(self, model: str, method: str) -> dict[str, Any]:
         c = self.cfg
@@ -242,9 +261,11 @@ class TextStudy:
                 fits.append({"model": m, "method": x, **meta["fit"], **meta["timing"]})
         return pd.concat(blocks, ignore_index=True), pd.DataFrame(fits)
 
-    def run(self) -> None:
-        """Compute every pending unit; each is stored the moment it is finished."""
-        todo = self.pending()
+    def run(self, workers=None) -> None:
+        """Compute every pending unit; each is stored the moment it is finished.
+
+        ``workers`` (:class:`helpers.workers.Workers`): compute only this process's share."""
+        todo = workers.share(self.pending()) if workers is not None else self.pending()
         if not todo:
             return
         c = self.cfg
@@ -256,6 +277,8 @@ class TextStudy:
             windows = self._windows(model_name)
             ref_s, ref_logits = timed(lambda: self._reference_logits(model_name, windows), c.device)
             for method in methods:
+                if self.store.done(self.key(model_name, method)):
+                    continue  # finished by another process meanwhile
                 model = registry.load(model_name, method, c.device, c.compute_dtype)[0]
                 self._unit(model_name, method, model, windows, ref_logits, ref_s, bar)
                 del model
