@@ -1,4 +1,4 @@
-"""Measuring speed and memory the way benchmark authors do (notebook 03).
+"""Measuring speed and memory the way benchmark authors do, and what the numbers decide (notebook 03).
 
 * **Fixed-length generation.** ``min_new_tokens = max_new_tokens``, greedy: every method
   decodes exactly the same number of tokens whatever it predicts (an early EOS would flatter a
@@ -12,23 +12,37 @@
 * **Synchronized.** On CUDA, queued work is finished before every clock reading.
 * **Memory.** Peak resident memory on CPU (``VmHWM``, reset through ``/proc/self/clear_refs``; NaN
   where the kernel does not support the reset),
-  ``max_memory_allocated`` and ``max_memory_reserved`` on CUDA.
+  ``max_memory_allocated`` and ``max_memory_reserved`` on CUDA; the bytes a model holds, split
+  into the parts the memory figure stacks (:func:`memory_breakdown`).
 * **Roofline.** Decoding one token reads every weight once (plus the KV cache), so a method
   can decode at most ``bandwidth / bytes_per_token`` tokens per second at batch 1
   (:func:`bytes_per_token`, :func:`memory_bandwidth`).
+* **Resumable.** :class:`SpeedBenchmark` times one (model, method, batch size) unit at a time
+  and stores each through :class:`helpers.store.ResultStore` (the mechanism of notebook 02's
+  sweep too), in a folder per hardware class (:func:`helpers.runtime.hardware_class`).
+* **Verdicts.** :func:`c4_c5_verdicts` decides Roy (2023)'s speed claims C4 and C5 from a summary
+  (:func:`summarize`), for this run, for every hardware class stored in ``data/``
+  (:func:`class_summaries`) and for lit-gpt's A100 table (:func:`litgpt_a100_summary`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import re
 import time
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import pandas as pd
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from .runtime import machine_load, synchronize, timed
+from .provenance import device_description, load_table
+from .runtime import hardware_class, machine_load, resolve_device, synchronize, timed
+from .store import ResultStore
 
 
 class StepClock(StoppingCriteria):
@@ -121,6 +135,29 @@ def repeat(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> list[Any]:
         load = machine_load()
         out.append((fn(), load))
     return out
+
+
+def prompt_inputs(tokenizer, text: str, prompt_tokens: int, batch: int, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """The first ``prompt_tokens`` tokens of ``text``, repeated ``batch`` times (no padding)."""
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"][:prompt_tokens]
+    if len(ids) < prompt_tokens:
+        raise ValueError(f"the prompt text has only {len(ids)} tokens, fewer than prompt_tokens={prompt_tokens}")
+    return {"input_ids": torch.tensor([ids] * batch, device=device),
+            "attention_mask": torch.ones(batch, len(ids), dtype=torch.long, device=device)}
+
+
+@torch.inference_mode()
+def harness_check(model, inputs: dict[str, torch.Tensor], tokenizer, new_tokens: int, repeats: int,
+                  device: str = "cpu") -> pd.DataFrame:
+    """The same generation timed two ways, alternating after one warm-up: a bare ``model.generate``
+    timed from outside (``bare_s``) and :func:`timed_generate` (``harness_s``), one row per repeat."""
+    kwargs = fixed_length_kwargs(tokenizer, new_tokens)
+    model.generate(**inputs, **kwargs)  # warm-up
+    rows = []
+    for _ in range(repeats):
+        bare_s = timed(lambda: model.generate(**inputs, **kwargs), device)[0]
+        rows.append({"bare_s": bare_s, "harness_s": timed_generate(model, inputs, tokenizer, new_tokens, device).total_s})
+    return pd.DataFrame(rows)
 
 
 # --------------------------------------------------------------------------- memory
@@ -234,6 +271,41 @@ def bytes_per_token(weight_bytes: int, input_embedding_bytes: int, tied_embeddin
     return weight_bytes - (0 if tied_embeddings else input_embedding_bytes) + kv_bytes
 
 
+def memory_breakdown(model) -> dict[str, Any]:
+    """What ``model`` holds, in the parts the memory figure stacks, MiB (count before the first
+    forward: some bitsandbytes CPU kernels repack weights then).
+
+    ``linear_MiB``: linear layers of the blocks (packed int8/4-bit codes, or float weights);
+    ``quant_state_MiB``: their absmax / ``SCB`` / nested statistics; ``embedding_MiB``: the token
+    embedding, plus the output head when it is not tied to it (both stay unquantized);
+    ``other_MiB``: norms, biases and buffers such as rotary tables. ``weights_MiB`` is everything
+    but the quantization state, ``hf_footprint_MiB`` what ``get_memory_footprint()`` reports.
+    """
+    import bitsandbytes as bnb
+
+    from .quantization import storage_report
+
+    def nbytes(t: torch.Tensor) -> int:
+        return t.numel() * t.element_size()
+
+    report = storage_report(model)
+    emb = model.get_input_embeddings().weight
+    head_module = model.get_output_embeddings()
+    head = head_module.weight if head_module is not None else None
+    tied = head is not None and head.data_ptr() == emb.data_ptr()
+    embedding = nbytes(emb) + (nbytes(head) if head is not None and not tied else 0)
+    float_linear = sum(nbytes(m.weight) for m in model.modules()
+                       if isinstance(m, torch.nn.Linear) and m is not head_module
+                       and not isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)))
+    mib = 2**20
+    return {"linear_MiB": (report.quantized_payload_bytes + float_linear) / mib,
+            "quant_state_MiB": report.quant_state_bytes / mib, "embedding_MiB": embedding / mib,
+            "other_MiB": (report.other_bytes - embedding - float_linear) / mib,
+            "weights_MiB": (report.quantized_payload_bytes + report.other_bytes) / mib,
+            "total_MiB": report.total_bytes / mib, "hf_footprint_MiB": model.get_memory_footprint() / mib,
+            "tied_embeddings": tied}
+
+
 def release_memory(device: str = "cpu") -> None:
     """Return freed memory to the operating system after a model is deleted, so the next
     model's resident-memory reading does not start from the previous one's leftovers."""
@@ -247,3 +319,348 @@ def release_memory(device: str = "cpu") -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass  # not glibc: readings then include the allocator's cache
+
+
+# --------------------------------------------------------------------------- resumable timed units
+@dataclass
+class SpeedConfig:
+    """Everything that decides notebook 03's timed numbers (and so the stored units' keys)."""
+
+    models: list[str]
+    methods: list[str]
+    batch_sizes: list[int] = field(default_factory=lambda: [1])
+    max_new_tokens: list[int] = field(default_factory=lambda: [16])  # runs generate the longest
+    prompt_tokens: int = 32
+    repeats: int = 3
+    warmup: int = 1
+    device: str = "cpu"
+    compute_dtype: str = "auto"
+    threads: int = 2
+
+    def validate(self) -> None:
+        """Every check that needs no model: fails in one line before anything is loaded."""
+        from . import methods as registry
+
+        if not self.models:
+            raise ValueError("the list of models is empty")
+        registry.validate_methods(self.methods)
+        resolve_device(self.device)
+        for m in self.methods:
+            registry.compute_dtype_for(registry.get_method(m), self.device, self.compute_dtype)
+        validate(self.batch_sizes, self.max_new_tokens, self.repeats, self.warmup)
+        if not isinstance(self.prompt_tokens, int) or self.prompt_tokens < 1:
+            raise ValueError(f"prompt_tokens must be an integer >= 1, got {self.prompt_tokens!r}")
+
+    @property
+    def new_tokens(self) -> int:
+        """Tokens every timed run generates (shorter lengths are read from its step times)."""
+        return max(self.max_new_tokens)
+
+    @property
+    def ordered_methods(self) -> list[str]:
+        """``methods`` in the registry's order (the order of every figure)."""
+        from . import methods as registry
+
+        return [m for m in registry.METHODS if m in self.methods]
+
+
+class SpeedBenchmark:
+    """Times the (model, method, batch size) units of a :class:`SpeedConfig` not stored yet.
+
+    Units are stored under ``folder/<hardware class>`` by a :class:`helpers.store.ResultStore`.
+    A unit's key holds every setting that changes its rows, the hardware class and the hash of
+    the measuring code (:func:`code_digest`): a rerun recomputes nothing finished and reuses no
+    timing of other settings, other code or other hardware. ``load(model, method)`` returns
+    ``(model, tokenizer)`` (default: :func:`helpers.methods.load` with the configuration's device
+    and compute dtype); ``progress`` is called like ``tqdm(total=..., desc=...)``.
+    """
+
+    LABEL_FIELDS = ("model", "method", "batch")
+
+    def __init__(self, cfg: SpeedConfig, folder: str | Path, prompt_text: str,
+                 load: Callable[[str, str], tuple[Any, Any]] | None = None, progress: Callable | None = None):
+        cfg.validate()
+        if torch.get_num_threads() != cfg.threads:
+            raise ValueError(f"torch runs {torch.get_num_threads()} threads but threads={cfg.threads}: call "
+                             f"helpers.runtime.configure_threads({cfg.threads}) first")
+        self.cfg = cfg
+        self.prompt_text = prompt_text
+        self.hardware = hardware_class(cfg.device)
+        machine = device_description(cfg.device)
+        self.device_name = machine.get("gpu", machine.get("cpu"))
+        self.store = ResultStore(Path(folder) / self.hardware, self.LABEL_FIELDS)
+        if load is None:
+            from . import methods as registry
+
+            def load(model: str, method: str):
+                return registry.load(model, method, cfg.device, cfg.compute_dtype)
+        self.load = load
+        self.progress = progress
+        self.code = code_digest()
+        self._prompt_digest = hashlib.sha256(prompt_text.encode()).hexdigest()[:10]
+
+    def key(self, model: str, method: str, batch: int) -> dict[str, Any]:
+        """The unit's key: every setting that changes its rows."""
+        c = self.cfg
+        return {"model": model, "method": method, "batch": batch, "code": self.code, "device": c.device.split(":")[0],
+                "hardware_class": self.hardware, "device_name": self.device_name, "compute_dtype": c.compute_dtype,
+                "threads": c.threads, "prompt": self._prompt_digest, "prompt_tokens": c.prompt_tokens,
+                "new_tokens": c.new_tokens, "lengths": sorted(c.max_new_tokens), "repeats": c.repeats,
+                "warmup": c.warmup}
+
+    def units(self) -> list[tuple[str, str, int]]:
+        """Every (model, method, batch) of the configuration, in the order they run."""
+        c = self.cfg
+        return [(m, x, b) for m in c.models for x in c.ordered_methods for b in c.batch_sizes]
+
+    def pending(self) -> list[tuple[str, str, int]]:
+        """Units still to time, in the order they will run."""
+        return [u for u in self.units() if not self.store.done(self.key(*u))]
+
+    def run(self, **meta: Any) -> int:
+        """Time every pending unit, storing each the moment it is finished (``meta`` goes to its
+        provenance); a model is loaded once for all its pending batch sizes. Returns how many
+        units were timed."""
+        todo = self.pending()
+        bar = self.progress(total=len(todo), desc="model x method x batch") if todo and self.progress else None
+        for model_name in self.cfg.models:
+            for method in self.cfg.ordered_methods:
+                batches = [b for m, x, b in todo if (m, x) == (model_name, method)]
+                if batches:
+                    self._measure(model_name, method, batches, bar, meta)
+        if bar is not None:
+            bar.close()
+        return len(todo)
+
+    def collect(self) -> pd.DataFrame:
+        """Every timed run of this configuration's units (a store folder may also hold units of
+        other settings or older code), one row per run, in :meth:`units` order."""
+        frames = [self.store.read_unit(self.key(*u)) for u in self.units()]
+        runs = pd.concat(frames, ignore_index=True)
+        return runs.assign(device_kind=runs.device)
+
+    def _measure(self, model_name: str, method: str, batches: list[int], bar, meta: dict[str, Any]) -> None:
+        """Load once, count the bytes, then time each batch size and store it."""
+        c, device = self.cfg, self.cfg.device
+        release_memory(device)
+        if not reset_peak_memory(device):
+            warnings.warn("this kernel cannot reset the process's peak RSS (/proc/self/clear_refs): "
+                          "peak memory is stored as NaN", stacklevel=2)
+        baseline = rss_mib() if device == "cpu" else float("nan")
+        load_s, (model, tok) = timed(lambda: self.load(model_name, method), device)
+        parts = memory_breakdown(model)  # before the first forward (CPU kernels may repack)
+        with torch.inference_mode():
+            first_s, _ = timed(lambda: model(**prompt_inputs(tok, self.prompt_text, c.prompt_tokens, 1, device)), device)
+        emb = model.get_input_embeddings().weight
+        kv = kv_cache_bytes(model.config, c.prompt_tokens + c.new_tokens // 2,
+                            2 if model.dtype in (torch.float16, torch.bfloat16) else 4)
+        per_token = bytes_per_token(round(parts["total_MiB"] * 2**20), emb.numel() * emb.element_size(),
+                                    parts["tied_embeddings"], kv)
+        for batch in batches:
+            inputs = prompt_inputs(tok, self.prompt_text, c.prompt_tokens, batch, device)
+            runs = repeat(lambda: timed_generate(model, inputs, tok, c.new_tokens, device), c.repeats, c.warmup)
+            rows = []
+            for i, (t, load) in enumerate(runs):
+                row = {"batch": batch, "run": i, "ttft_s": t.ttft_s, "total_s": t.total_s,
+                       "decode_tokens_per_s": t.decode_tokens_per_s, "load_average": load}
+                for n in sorted(c.max_new_tokens):  # end-to-end tokens/s of an n-token generation, prefill included
+                    row[f"e2e_tokens_per_s_{n}"] = t.e2e_tokens_per_s_at(n)
+                rows.append(row)
+            df = pd.DataFrame(rows).assign(  # peak memory: since loading, so it includes the load
+                load_s=load_s, first_forward_s=first_s, **parts, bytes_per_token=per_token,
+                baseline_rss_MiB=baseline, **peak_memory(device))
+            self.store.write(self.key(model_name, method, batch), df, device=device, **meta)
+            if bar is not None:
+                bar.update(1)
+        model = None  # the last reference (the closures above hold the name, not the model)
+        release_memory(device)
+
+
+def add_memory_breakdown(runs: pd.DataFrame, load: Callable[[str, str], tuple[Any, Any]]) -> pd.DataFrame:
+    """``runs`` with the :func:`memory_breakdown` columns, counted on each (model, method) loaded
+    again by ``load(model, method)``, timing nothing: for runs stored before those columns were.
+    Raises if a count differs from the stored ``weights_MiB`` or ``quant_state_MiB`` (the loaded
+    models would then not be the ones that were timed)."""
+    rows = []
+    for (model_name, method), g in runs.groupby(["model", "method"], sort=False):
+        model, _ = load(model_name, method)
+        parts = memory_breakdown(model)
+        del model
+        release_memory()
+        for col in ("weights_MiB", "quant_state_MiB"):
+            if abs(parts[col] - g[col].iloc[0]) > 0.01:
+                raise ValueError(f"{model_name} {method}: {col} counted {parts[col]:.2f} MiB, stored {g[col].iloc[0]:.2f}")
+        rows.append({"model": model_name, "method": method,
+                     **{k: parts[k] for k in ("linear_MiB", "embedding_MiB", "other_MiB", "total_MiB")}})
+    return runs.merge(pd.DataFrame(rows), on=["model", "method"], how="left")
+
+
+def code_digest() -> str:
+    """Hash of the code that produces a timed unit's rows: the measuring functions and classes
+    of this module and :func:`helpers.quantization.storage_report`. It is part of every unit
+    key, so timings of older measuring code are not reused (other edits here do not count)."""
+    from .quantization import storage_report
+
+    h = hashlib.sha256()
+    for obj in (StepClock, GenerationTiming, fixed_length_kwargs, timed_generate, repeat, prompt_inputs,
+                reset_peak_rss, rss_mib, peak_memory, kv_cache_bytes, bytes_per_token, memory_breakdown,
+                release_memory, SpeedBenchmark, storage_report):
+        h.update(inspect.getsource(obj).encode())
+    return h.hexdigest()[:10]
+
+
+# --------------------------------------------------------------------------- summary
+#: Columns that are the same for every run of a (model, method): carried into the summary.
+UNIT_COLUMNS = ("load_s", "first_forward_s", "linear_MiB", "embedding_MiB", "other_MiB", "quant_state_MiB",
+                "weights_MiB", "total_MiB", "hf_footprint_MiB", "bytes_per_token", "tied_embeddings", "baseline_rss_MiB",
+                "peak_rss_MiB", "max_memory_allocated_MiB", "max_memory_reserved_MiB", "prompt_tokens",
+                "new_tokens", "hardware_class", "device_kind", "device_name")
+
+
+def summarize(runs: pd.DataFrame, read_GBps: float) -> pd.DataFrame:
+    """One row per (model, method, batch): the median decode tokens/s with the range of the runs
+    (``decode_min``, ``decode_max``), the median time to first token, the highest load average,
+    the (model, method)'s memory columns (of its first unit), and the batch-1 roofline
+    ``read_GBps / bytes_per_token`` (:data:`UNIT_COLUMNS` that ``runs`` lacks are left out)."""
+    keys = ["model", "method", "batch"]
+    s = runs.groupby(keys, sort=False).agg(
+        decode_tokens_per_s=("decode_tokens_per_s", "median"), decode_min=("decode_tokens_per_s", "min"),
+        decode_max=("decode_tokens_per_s", "max"), ttft_s=("ttft_s", "median"),
+        max_load_average=("load_average", "max")).reset_index()
+    static = runs.groupby(["model", "method"], sort=False)[[c for c in UNIT_COLUMNS if c in runs]].first()
+    s = s.merge(static.reset_index(), on=["model", "method"], how="left")
+    return s.assign(roofline_tokens_per_s=read_GBps * 1e9 / s.bytes_per_token)
+
+
+# --------------------------------------------------------------------------- claims C4 and C5
+#: Unquantized 16-bit methods: C4 and C5 compare every method with the faster of them.
+SIXTEEN_BIT = ("bf16", "fp16")
+#: C4 ("int8 inference is much slower") holds when int8 decodes at less than this share of 16-bit speed.
+C4_MAX_RATIO = 0.5
+#: lit-gpt's quantization tutorial: falcon-7b on one A100, 256 new tokens, (tokens/s, GB of GPU memory).
+LITGPT_A100 = {"bf16": (47.66, 14.50), "nf4": (37.62, 5.72), "nf4-dq": (30.87, 5.38), "fp4": (36.98, 5.72),
+               "fp4-dq": (25.54, 5.38), "int8": (12.66, 8.70)}
+LITGPT_A100_SOURCE = "https://github.com/Lightning-AI/litgpt/blob/main/tutorials/quantize.md"
+LITGPT_A100_LABEL = "lit-gpt A100"
+_GROUP_KEYS = ("hardware_class", "model", "batch")
+
+
+def litgpt_a100_summary() -> pd.DataFrame:
+    """lit-gpt's A100 table (:data:`LITGPT_A100`) as a summary that :func:`c4_c5_verdicts` and
+    :func:`speed_ratios` take: falcon-7b, batch 1, 256 new tokens."""
+    return pd.DataFrame([{"hardware_class": LITGPT_A100_LABEL, "model": "falcon-7b", "batch": 1, "method": m,
+                          "decode_tokens_per_s": tps, "memory_GB": gb, "new_tokens": 256}
+                         for m, (tps, gb) in LITGPT_A100.items()])
+
+
+def _speed_groups(summary: pd.DataFrame):
+    """``(keys, [(key values, method -> median decode tokens/s, best 16-bit method)])`` for the
+    groups of ``summary`` that hold a 16-bit method (the others cannot be judged)."""
+    keys = [k for k in _GROUP_KEYS if k in summary.columns]
+    out = []
+    for values, g in summary.groupby(keys, sort=False):
+        speed = g.set_index("method").decode_tokens_per_s.dropna()
+        sixteen = speed.reindex([m for m in SIXTEEN_BIT if m in speed.index])
+        if not sixteen.empty:
+            out.append((dict(zip(keys, values)), speed, sixteen.idxmax()))
+    return keys, out
+
+
+def speed_ratios(summary: pd.DataFrame) -> pd.DataFrame:
+    """Each method's median decode speed over the best unquantized 16-bit method's (``bf16`` or
+    ``fp16``) of the same (hardware class,) model and batch: columns ``[hardware_class,] model,
+    batch, method, decode_tokens_per_s, best_16bit, ratio_to_16bit``."""
+    keys, groups = _speed_groups(summary)
+    rows = [{**k, "method": m, "decode_tokens_per_s": v, "best_16bit": best, "ratio_to_16bit": v / speed[best]}
+            for k, speed, best in groups for m, v in speed.items()]
+    return pd.DataFrame(rows, columns=[*keys, "method", "decode_tokens_per_s", "best_16bit", "ratio_to_16bit"])
+
+
+def c4_c5_verdicts(summary: pd.DataFrame) -> pd.DataFrame:
+    """Roy (2023)'s speed claims per (hardware class,) model and batch, from median decode speeds.
+
+    **C4** (int8 inference is much slower) holds if int8 decodes at less than
+    :data:`C4_MAX_RATIO` of the best 16-bit method's speed; **C5** (unquantized 16-bit is
+    fastest) holds if no method decodes faster than the best 16-bit one. Columns ``claim,
+    [hardware_class,] model, batch, verdict, ratio, numbers``; ``ratio`` is int8 / best 16-bit
+    (C4) or fastest / best 16-bit (C5). Groups without bf16 or fp16 get no verdict, groups
+    without int8 no C4.
+    """
+    keys, groups = _speed_groups(summary)
+    rows = []
+    for k, speed, best in groups:
+        base = speed[best]
+        if "int8" in speed:
+            r = speed["int8"] / base
+            rows.append({"claim": "C4", **k, "verdict": "holds" if r < C4_MAX_RATIO else "does not hold", "ratio": r,
+                         "numbers": f"int8 {speed['int8']:.1f} tok/s = {r:.2f} x best 16-bit ({best} {base:.1f}); "
+                                    f"slowest: {speed.idxmin()} {speed.min():.1f}"})
+        r = speed.max() / base
+        rows.append({"claim": "C5", **k, "verdict": "holds" if speed.max() <= base else "does not hold", "ratio": r,
+                     "numbers": f"fastest: {speed.idxmax()} {speed.max():.1f} tok/s; best 16-bit: {best} {base:.1f}"})
+    return pd.DataFrame(rows, columns=["claim", *keys, "verdict", "ratio", "numbers"])
+
+
+def side_by_side(verdicts: pd.DataFrame, reference: pd.DataFrame | None = None) -> pd.DataFrame:
+    """C4 and C5 with one column per hardware class: rows ``(claim, batch, model)``, cells
+    ``"holds (0.27)"`` (verdict and ratio). ``reference`` (verdicts of another table, such as
+    lit-gpt's A100 one, on another model) adds one last column, filled on the rows of its claim
+    and batch."""
+    cells = verdicts.assign(cell=verdicts.verdict + " (" + verdicts.ratio.map("{:.2f}".format) + ")")
+    wide = cells.pivot_table(index=["claim", "batch", "model"], columns="hardware_class", values="cell",
+                             aggfunc="first", sort=False)
+    wide = wide.reindex(columns=list(dict.fromkeys(verdicts.hardware_class))).fillna("")
+    wide = wide.sort_index(level=["claim", "batch"], sort_remaining=False)
+    wide.columns.name = None
+    if reference is not None:
+        for r in reference.itertuples():
+            col = f"{r.hardware_class} ({r.model}, batch {r.batch})"
+            if col not in wide:
+                wide[col] = ""
+            rows = (wide.index.get_level_values("claim") == r.claim) & (wide.index.get_level_values("batch") == r.batch)
+            wide.loc[rows, col] = f"{r.verdict} ({r.ratio:.2f})"
+    return wide
+
+
+# --------------------------------------------------------------------------- hardware classes side by side
+_CLASS_NAME = re.compile(r"[a-z]+-[a-z0-9]+")
+
+
+def class_tables(folder: str | Path, notebook: str, table: str) -> dict[str, Path]:
+    """``{hardware class: path}`` of the ``{notebook}_{class}_{table}.csv`` files in ``folder``."""
+    prefix, suffix = f"{notebook}_", f"_{table}.csv"
+    found = {}
+    for path in sorted(Path(folder).glob(f"{prefix}*{suffix}")):
+        cls = path.name[len(prefix):-len(suffix)]
+        if _CLASS_NAME.fullmatch(cls):
+            found[cls] = path
+    return found
+
+
+def class_summaries(folder: str | Path, notebook: str) -> pd.DataFrame:
+    """Every hardware class's summary table in ``folder`` (:func:`class_tables`), stacked, each
+    row tagged with its class (the file name's), the run's ``new_tokens``, ``prompt_tokens``,
+    ``repeats`` and ``date`` (from the provenance where a table lacks the column)."""
+    frames = []
+    for cls, path in class_tables(folder, notebook, "summary").items():
+        df, meta = load_table(path)
+        if "hardware_class" in df and (df.hardware_class != cls).any():
+            raise ValueError(f"{path.name} holds rows of hardware class {sorted(set(df.hardware_class))}, not {cls}")
+        params = meta.get("parameters", {})
+        df = df.assign(hardware_class=cls, repeats=params.get("repeats"), date=meta.get("date"))
+        if "new_tokens" not in df:
+            df["new_tokens"] = max(params.get("max_new_tokens", [0]))
+        if "prompt_tokens" not in df:
+            df["prompt_tokens"] = params.get("prompt_tokens")
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def class_runs(folder: str | Path, notebook: str, hardware: str) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The timed runs of one hardware class stored in ``folder`` and their provenance, each row
+    tagged with the class (to redraw that class's figures without timing anything)."""
+    tables = class_tables(folder, notebook, "runs")
+    if hardware not in tables:
+        raise FileNotFoundError(f"no {notebook}_{hardware}_runs.csv in {folder}; classes there: {sorted(tables) or 'none'}")
+    runs, meta = load_table(tables[hardware])
+    return runs.assign(hardware_class=hardware), meta

@@ -3,10 +3,12 @@
 import math
 import time
 
+import pandas as pd
 import pytest
 import torch
 
 from helpers import timing
+from helpers.provenance import save_table
 
 
 def test_generation_timing_arithmetic():
@@ -153,3 +155,226 @@ def test_cuda_branch_memory_counters_are_reset_synchronized_and_named(monkeypatc
     assert rec.events == ["sync", "reset"]
     assert timing.peak_memory("cuda:0") == {"max_memory_allocated_MiB": 3.0, "max_memory_reserved_MiB": 4.0}
     assert rec.events[-1] == "sync"
+
+
+# --------------------------------------------------------------------------- C4 / C5 verdicts, by hand
+def _summary(speeds: dict[str, float], **keys) -> pd.DataFrame:
+    return pd.DataFrame([{"model": "m", "batch": 1, **keys, "method": k, "decode_tokens_per_s": v}
+                         for k, v in speeds.items()])
+
+
+def _verdict(v: pd.DataFrame, claim: str) -> pd.Series:
+    rows = v[v.claim == claim]
+    assert len(rows) == 1, rows
+    return rows.iloc[0]
+
+
+def test_c4_and_c5_hold_when_int8_is_slow_and_16_bit_fastest():
+    v = timing.c4_c5_verdicts(_summary({"fp32": 10, "bf16": 20, "fp16": 25, "int8": 5, "nf4": 12}))
+    c4, c5 = _verdict(v, "C4"), _verdict(v, "C5")
+    assert c4.verdict == "holds" and c4.ratio == pytest.approx(5 / 25)  # compared with the faster 16-bit method
+    assert "int8 5.0 tok/s = 0.20 x best 16-bit (fp16 25.0)" in c4.numbers and "slowest: int8 5.0" in c4.numbers
+    assert c5.verdict == "holds" and c5.ratio == pytest.approx(1.0)
+
+
+def test_c4_and_c5_fail_when_int8_is_close_and_fp32_fastest():
+    v = timing.c4_c5_verdicts(_summary({"fp32": 30, "bf16": 20, "int8": 12}))  # no fp16: bf16 is the 16-bit baseline
+    c4, c5 = _verdict(v, "C4"), _verdict(v, "C5")
+    assert c4.verdict == "does not hold" and c4.ratio == pytest.approx(0.6)
+    assert c5.verdict == "does not hold" and c5.ratio == pytest.approx(1.5)
+    assert c5.numbers == "fastest: fp32 30.0 tok/s; best 16-bit: bf16 20.0"
+
+
+def test_verdict_boundaries():
+    # int8 at exactly half the 16-bit speed is not "much slower"; a method tying the best 16-bit one leaves C5 standing
+    v = timing.c4_c5_verdicts(_summary({"fp16": 20, "int8": 10, "nf4": 20}))
+    assert _verdict(v, "C4").verdict == "does not hold" and _verdict(v, "C5").verdict == "holds"
+    v = timing.c4_c5_verdicts(_summary({"fp16": 20, "int8": 9.99}))
+    assert _verdict(v, "C4").verdict == "holds"
+
+
+def test_groups_without_16_bit_or_int8():
+    assert timing.c4_c5_verdicts(_summary({"fp32": 10, "int8": 2})).empty  # nothing to compare with
+    v = timing.c4_c5_verdicts(_summary({"fp16": 10, "nf4": 4}))
+    assert list(v.claim) == ["C5"]
+
+
+def test_verdicts_per_hardware_class_model_and_batch():
+    s = pd.concat([_summary({"fp16": 20, "int8": 4}, hardware_class="cpu-a"),
+                   _summary({"fp16": 20, "int8": 16}, hardware_class="cpu-b"),
+                   _summary({"fp16": 10, "fp32": 12}, hardware_class="cpu-b", batch=8)])
+    v = timing.c4_c5_verdicts(s)
+    assert list(v.columns) == ["claim", "hardware_class", "model", "batch", "verdict", "ratio", "numbers"]
+    got = {(r.hardware_class, r.batch, r.claim): r.verdict for r in v.itertuples()}
+    assert got == {("cpu-a", 1, "C4"): "holds", ("cpu-a", 1, "C5"): "holds", ("cpu-b", 1, "C4"): "does not hold",
+                   ("cpu-b", 1, "C5"): "holds", ("cpu-b", 8, "C5"): "does not hold"}
+
+
+def test_speed_ratios_by_hand():
+    r = timing.speed_ratios(_summary({"fp32": 10, "bf16": 16, "fp16": 20, "int8": 5})).set_index("method")
+    assert r.ratio_to_16bit.to_dict() == pytest.approx({"fp32": 0.5, "bf16": 0.8, "fp16": 1.0, "int8": 0.25})
+    assert set(r.best_16bit) == {"fp16"}
+
+
+def test_litgpt_a100_table_gives_its_own_ratios():
+    lit = timing.litgpt_a100_summary()
+    v = timing.c4_c5_verdicts(lit)
+    assert _verdict(v, "C4").verdict == "holds" and _verdict(v, "C4").ratio == pytest.approx(12.66 / 47.66)
+    assert _verdict(v, "C5").verdict == "holds"
+    r = timing.speed_ratios(lit).set_index("method").ratio_to_16bit
+    assert r["fp4-dq"] == pytest.approx(25.54 / 47.66)
+
+
+def test_side_by_side_puts_each_class_in_a_column():
+    s = pd.concat([_summary({"fp16": 20, "int8": 4}, hardware_class="cpu-avx2"),
+                   _summary({"fp16": 20, "int8": 16}, hardware_class="cpu-avx512bf16"),
+                   _summary({"fp16": 10, "fp32": 12}, hardware_class="cpu-avx2", batch=8)])
+    ref = timing.c4_c5_verdicts(timing.litgpt_a100_summary())
+    wide = timing.side_by_side(timing.c4_c5_verdicts(s), ref)
+    assert list(wide.columns) == ["cpu-avx2", "cpu-avx512bf16", "lit-gpt A100 (falcon-7b, batch 1)"]
+    assert wide.loc[("C4", 1, "m")].tolist() == ["holds (0.20)", "does not hold (0.80)", "holds (0.27)"]
+    assert wide.loc[("C5", 8, "m")].tolist() == ["does not hold (1.20)", "", ""]  # lit-gpt's table is batch 1
+
+
+# --------------------------------------------------------------------------- summaries and hardware classes
+def _runs(speeds: list[float], **extra) -> pd.DataFrame:
+    return pd.DataFrame({"model": "m", "method": "fp32", "batch": 1, "run": range(len(speeds)),
+                         "decode_tokens_per_s": speeds, "ttft_s": [0.1 * (i + 1) for i in range(len(speeds))],
+                         "load_average": [1.0, 3.0, 2.0][: len(speeds)], "bytes_per_token": 2 * 10**9,
+                         "weights_MiB": 100.0, **extra})
+
+
+def test_summarize_by_hand():
+    s = timing.summarize(_runs([10.0, 14.0, 11.0]), read_GBps=30.0).iloc[0]
+    assert (s.decode_tokens_per_s, s.decode_min, s.decode_max) == (11.0, 10.0, 14.0)
+    assert s.ttft_s == pytest.approx(0.2) and s.max_load_average == 3.0 and s.weights_MiB == 100.0
+    assert s.roofline_tokens_per_s == pytest.approx(15.0)  # 30 GB/s over 2 GB per token
+
+
+def test_class_tables_and_summaries_read_every_class(tmp_path):
+    nb = "03_speed_and_memory"
+    new = timing.summarize(_runs([10.0], new_tokens=16, prompt_tokens=32), 30.0).assign(hardware_class="cpu-avx512bf16")
+    save_table(new, tmp_path / f"{nb}_cpu-avx512bf16_summary.csv", notebook=nb, parameters={"repeats": 3})
+    # a table written before the class and length columns existed: both come from its name and provenance
+    old = timing.summarize(_runs([20.0]), 30.0)
+    save_table(old, tmp_path / f"{nb}_cpu-avx2_summary.csv", notebook=nb,
+               parameters={"repeats": 5, "max_new_tokens": [2, 4], "prompt_tokens": 16})
+    for other in ("summary", "c4_c5_by_class"):  # not a class's table
+        save_table(old, tmp_path / f"{nb}_{other}.csv", notebook=nb, parameters={})
+    assert list(timing.class_tables(tmp_path, nb, "summary")) == ["cpu-avx2", "cpu-avx512bf16"]
+    both = timing.class_summaries(tmp_path, nb).set_index("hardware_class")
+    assert both.new_tokens.to_dict() == {"cpu-avx2": 4, "cpu-avx512bf16": 16}
+    assert both.prompt_tokens.to_dict() == {"cpu-avx2": 16, "cpu-avx512bf16": 32}
+    assert both.repeats.to_dict() == {"cpu-avx2": 5, "cpu-avx512bf16": 3}
+    save_table(new, tmp_path / f"{nb}_cuda-h100_summary.csv", notebook=nb, parameters={})
+    with pytest.raises(ValueError, match="not cuda-h100"):  # rows of another class under this name
+        timing.class_summaries(tmp_path, nb)
+
+
+def test_class_runs_names_the_classes_it_has(tmp_path):
+    save_table(_runs([1.0]), tmp_path / "03_x_cpu-avx2_runs.csv", notebook="03_x", parameters={})
+    runs, meta = timing.class_runs(tmp_path, "03_x", "cpu-avx2")
+    assert set(runs.hardware_class) == {"cpu-avx2"} and meta["notebook"] == "03_x"
+    with pytest.raises(FileNotFoundError, match="cpu-avx2"):
+        timing.class_runs(tmp_path, "03_x", "cuda-h100")
+
+
+# --------------------------------------------------------------------------- resumable timed units
+class _CharTokenizer:
+    """One token per character (ids 2..63); pad 0, EOS 1."""
+
+    pad_token_id, eos_token_id = 0, 1
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [2 + ord(c) % 62 for c in text]}
+
+
+def _tiny_model(tied: bool = True):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=tied,
+                      pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_memory_breakdown_parts_add_up(tied):
+    model = _tiny_model(tied)
+    parts = timing.memory_breakdown(model)
+    mib = 2**20
+    assert parts["tied_embeddings"] is tied
+    assert parts["embedding_MiB"] * mib == 64 * 16 * 4 * (1 if tied else 2)  # the output head counts when untied
+    linear = sum(p.numel() for n, p in model.model.layers.named_parameters() if "proj" in n) * 4
+    assert parts["linear_MiB"] * mib == linear and parts["quant_state_MiB"] == 0 and parts["other_MiB"] > 0
+    assert parts["embedding_MiB"] + parts["linear_MiB"] + parts["other_MiB"] == pytest.approx(parts["total_MiB"])
+    assert parts["weights_MiB"] == pytest.approx(parts["total_MiB"])  # nothing quantized
+
+
+def _bench(tmp_path, loads: list, **settings):
+    cfg = timing.SpeedConfig(models=["tiny"], methods=["fp32"], batch_sizes=settings.pop("batch_sizes", [1]),
+                             max_new_tokens=[1, 2, 4], prompt_tokens=6, repeats=settings.pop("repeats", 2),
+                             warmup=1, threads=torch.get_num_threads(), **settings)
+
+    def load(model, method):
+        loads.append((model, method))
+        return _tiny_model(), _CharTokenizer()
+
+    return timing.SpeedBenchmark(cfg, tmp_path, "The first words of a held-out text.", load=load)
+
+
+def test_a_timed_unit_is_stored_once_and_not_recomputed(tmp_path):
+    loads = []
+    bench = _bench(tmp_path, loads)
+    assert bench.store.folder == tmp_path / timing.hardware_class("cpu")  # one folder per hardware class
+    assert bench.pending() == [("tiny", "fp32", 1)]
+    assert bench.run(notebook="test") == 1 and loads == [("tiny", "fp32")]
+    runs = bench.collect()
+    assert len(runs) == 2 and (runs.decode_tokens_per_s > 0).all()
+    assert {"e2e_tokens_per_s_1", "e2e_tokens_per_s_4", "embedding_MiB", "quant_state_MiB", "bytes_per_token",
+            "hardware_class", "device_kind", "new_tokens"} <= set(runs.columns)
+    assert (runs.new_tokens == 4).all() and (runs.hardware_class == timing.hardware_class("cpu")).all()
+
+    again = _bench(tmp_path, loads)  # a rerun: nothing to time, the same rows
+    assert again.pending() == [] and again.run() == 0 and loads == [("tiny", "fp32")]
+    pd.testing.assert_frame_equal(again.collect(), runs)
+
+
+def test_only_missing_or_changed_units_are_timed(tmp_path):
+    loads = []
+    _bench(tmp_path, loads).run()
+    more = _bench(tmp_path, loads, batch_sizes=[1, 2])  # one new batch size: loaded once, one unit timed
+    assert more.pending() == [("tiny", "fp32", 2)] and more.run() == 1 and len(loads) == 2
+    assert sorted(more.collect().batch.unique()) == [1, 2]
+    changed = _bench(tmp_path, loads, repeats=3)  # other settings: other keys, timed again
+    assert changed.pending() == [("tiny", "fp32", 1)]
+    assert len(changed.store.read()) == 2 + 2  # both stored units are kept
+
+
+def test_speed_config_fails_in_one_line_before_loading(tmp_path):
+    with pytest.raises(ValueError, match="unknown method"):
+        timing.SpeedConfig(models=["tiny"], methods=["fp33"]).validate()
+    with pytest.raises(ValueError, match="prompt_tokens"):
+        timing.SpeedConfig(models=["tiny"], methods=["fp32"], prompt_tokens=0).validate()
+    with pytest.raises(ValueError, match="configure_threads"):
+        timing.SpeedBenchmark(timing.SpeedConfig(models=["tiny"], methods=["fp32"], threads=torch.get_num_threads() + 1),
+                              tmp_path, "text")
+
+
+def test_prompt_inputs_and_harness_check():
+    inputs = timing.prompt_inputs(_CharTokenizer(), "abcdefgh", 5, 3)
+    assert inputs["input_ids"].shape == (3, 5) and inputs["attention_mask"].sum() == 15
+    with pytest.raises(ValueError, match="fewer than prompt_tokens"):
+        timing.prompt_inputs(_CharTokenizer(), "abc", 5, 1)
+    h = timing.harness_check(_tiny_model(), timing.prompt_inputs(_CharTokenizer(), "abcdefgh", 5, 1), _CharTokenizer(), 4, 3)
+    assert list(h.columns) == ["bare_s", "harness_s"] and len(h) == 3 and (h > 0).all().all()
+
+
+def test_recounted_memory_must_match_the_stored_runs():
+    runs = pd.DataFrame({"model": ["tiny"], "method": ["fp32"], "weights_MiB": [0.0], "quant_state_MiB": [0.0]})
+    with pytest.raises(ValueError, match="weights_MiB counted"):
+        timing.add_memory_breakdown(runs, lambda m, x: (_tiny_model(), None))
+    runs["weights_MiB"] = timing.memory_breakdown(_tiny_model())["weights_MiB"]
+    out = timing.add_memory_breakdown(runs, lambda m, x: (_tiny_model(), None))
+    assert out.embedding_MiB.iloc[0] * 2**20 == 64 * 16 * 4
