@@ -11,12 +11,20 @@ Three concerns of notebook 01 (and later 06) that are worth testing on their own
 * **Accounting.** The bytes a quantized model really holds, quantization state included
   (``get_memory_footprint()`` omits the 4-bit absmax and the int8 ``SCB`` tensors), and the
   bits per parameter that follow.
+* **Teaching measures.** Useful levels of a codebook and how evenly real weights use them, one
+  block traced step by step, what double quantization does to the scales, signal-to-quantization
+  -noise ratios, where the squared error comes from, weight-only simulation of a method inside a
+  float model, and the GGUF Q4_1 grid the embedded baselines sit on.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 from dataclasses import dataclass
+from typing import Iterator
 
+import numpy as np
 import torch
 
 BLOCKSIZE = 64  # bitsandbytes' default for 4-bit weights (QLoRA)
@@ -65,6 +73,42 @@ def normal_quantiles(n: int = 16) -> torch.Tensor:
     p = (torch.arange(n, dtype=torch.float64) + 0.5) / n
     q = torch.special.ndtri(p)
     return (q / q.abs().max()).float()
+
+
+def distinct_levels(values: torch.Tensor, tol: float) -> int:
+    """Levels a codebook can really tell apart: sorted values closer than ``tol`` to their
+    neighbour count as one (single linkage). FP4's +0, -0 and +-0.0052 become one level."""
+    v = values.detach().double().flatten().sort().values
+    return 0 if v.numel() == 0 else 1 + int((v.diff() >= tol).sum())
+
+
+def worst_rounding_error(values: torch.Tensor) -> float:
+    """Largest round-to-nearest error of a codebook on [-1, 1], in units of the absmax: half the
+    widest gap between neighbouring values (NF4: (1 - 0.6962) / 2 below -0.70; FP4: (1 - 0.6667) / 2)."""
+    v = values.detach().double().flatten().unique()
+    if v.numel() < 2:
+        raise ValueError("a codebook needs at least two distinct values")
+    return float(v.diff().max() / 2)
+
+
+def code_indices(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """The 4-bit code index of each of the first ``n`` weights in bitsandbytes' packing: two
+    indices per byte, the first weight in the high nibble (``quantize_4bit`` on every backend)."""
+    flat = packed.detach().reshape(-1).view(torch.uint8).long()
+    idx = torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1)
+    if n > idx.numel():
+        raise ValueError(f"{packed.numel()} bytes hold {idx.numel()} codes, not {n}")
+    return idx[:n]
+
+
+def usage_entropy_bits(counts: torch.Tensor) -> float:
+    """Shannon entropy in bits of how often each code is used; ``2**H`` is the number of equally
+    used levels the code is worth (4 bits, 16 levels, at best)."""
+    c = counts.detach().double().flatten()
+    if not (c >= 0).all() or c.sum() <= 0:
+        raise ValueError("counts must be non-negative with a positive sum")
+    p = c[c > 0] / c.sum()
+    return float(-(p * p.log2()).sum())
 
 
 # --------------------------------------------------------------------------- round trips
@@ -119,6 +163,120 @@ def error_stats(weight: torch.Tensor, approx: torch.Tensor) -> dict[str, float]:
     }
 
 
+def sqnr_db(weight: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio ``10 log10(||w||^2 / ||w - w_hat||^2)`` in dB (inf if
+    exact). About 6.02 dB per bit for a uniform quantizer; it equals ``-20 log10`` of the relative
+    Frobenius error."""
+    noise = WeightNoise()
+    noise.add(weight, approx)
+    return noise.sqnr_db
+
+
+@dataclass
+class WeightNoise:
+    """Signal and quantization-noise energy summed over many weight matrices."""
+
+    signal: float = 0.0  # sum of w^2
+    noise: float = 0.0  # sum of (w - w_hat)^2
+    count: int = 0  # weights added
+
+    def add(self, weight: torch.Tensor, approx: torch.Tensor) -> None:
+        """Add one matrix and its quantized approximation (float32 dot products per matrix,
+        summed in Python floats: 3x faster than float64 copies, the same dB to 1e-5)."""
+        if weight.shape != approx.shape:
+            raise ValueError(f"shapes differ: {tuple(weight.shape)} vs {tuple(approx.shape)}")
+        w = weight.detach().float().flatten()
+        d = approx.detach().float().flatten().to(w.device) - w
+        self.signal += float(torch.dot(w, w))
+        self.noise += float(torch.dot(d, d))
+        self.count += w.numel()
+
+    @property
+    def sqnr_db(self) -> float:
+        if self.noise == 0:
+            return math.inf
+        return 10 * math.log10(self.signal / self.noise)
+
+
+@dataclass
+class BlockTrace:
+    """One block quantized by hand: what each step of absmax quantization produces."""
+
+    weights: torch.Tensor  # the block as given
+    absmax: float  # its largest |weight|: the scale, stored in fp32
+    scaled: torch.Tensor  # weights / absmax, in [-1, 1]
+    index: torch.Tensor  # position of the nearest value in the sorted codebook
+    code_value: torch.Tensor  # that value
+    dequantized: torch.Tensor  # code_value * absmax
+
+    @property
+    def error(self) -> torch.Tensor:
+        return self.dequantized - self.weights
+
+
+def trace_block(block: torch.Tensor, code: torch.Tensor) -> BlockTrace:
+    """Quantize one block step by step: absmax -> scale to [-1, 1] -> nearest code value
+    (round to nearest, ties to the lower value as ``torch.bucketize`` does in bitsandbytes) ->
+    dequantize. ``code`` is a codebook such as :func:`codebook`."""
+    w = block.detach().float().flatten()
+    values = code.detach().float().flatten().sort().values
+    absmax = float(w.abs().max())
+    if absmax == 0:
+        raise ValueError("an all-zero block has no scale")
+    scaled = w / absmax
+    index = (scaled[:, None] - values[None, :]).abs().argmin(dim=1)
+    return BlockTrace(w, absmax, scaled, index, values[index], values[index] * absmax)
+
+
+def double_quant_absmax(weight: torch.Tensor, quant_type: str = "nf4",
+                        blocksize: int = BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each block's absmax as bitsandbytes stores it without double quantization (fp32, exact)
+    and with it (the layer's mean absmax ``offset`` subtracted, then an 8-bit dynamic code with one
+    fp32 scale per ``NESTED_BLOCKSIZE`` blocks), both as fp32 values. Their ratio is how much double quantization moves a scale."""
+    import bitsandbytes.functional as F
+
+    w = weight.detach().float().cpu().contiguous()
+    _, state = F.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type, compress_statistics=True)
+    nested = F.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    flat = w.reshape(-1)
+    n = flat.numel() // blocksize * blocksize
+    exact = flat[:n].view(-1, blocksize).abs().amax(dim=1)
+    if n < flat.numel():
+        exact = torch.cat([exact, flat[n:].abs().amax().reshape(1)])
+    return exact, nested.float()
+
+
+def scale_absmax(weight: torch.Tensor, method: str, blocksize: int = BLOCKSIZE) -> torch.Tensor:
+    """Per-element absmax of the group that shares one scale: the output row for ``int8``
+    (vector-wise), the flat block of ``blocksize`` for the 4-bit methods."""
+    if method in ("int8", "int8-noout"):
+        w = weight.detach().float()
+        return w.abs().amax(dim=1, keepdim=True).expand_as(w)
+    if method in ("nf4", "nf4-dq", "fp4", "fp4-dq"):
+        return block_absmax(weight, blocksize)
+    raise ValueError(f"no scale group for {method!r}; choose one of {', '.join(ROUNDTRIP_METHODS)}")
+
+
+def error_by_position(position: np.ndarray, error: np.ndarray, bins: np.ndarray):
+    """Round-trip error binned by position (weight / its scale's absmax): per bin the number of
+    weights, their mean |error|, and the bin's share of the total squared error (sums to 1).
+    The mean says how badly a weight there is rounded; the share says where the error *is*."""
+    import pandas as pd
+
+    pos, err = np.asarray(position, float).ravel(), np.asarray(error, float).ravel()
+    if pos.shape != err.shape:
+        raise ValueError("position and error must have the same number of elements")
+    nb = len(bins) - 1
+    idx = np.clip(np.digitize(pos, bins) - 1, 0, nb - 1)
+    count = np.bincount(idx, minlength=nb)
+    abs_sum = np.bincount(idx, np.abs(err), nb)
+    sq_sum = np.bincount(idx, err ** 2, nb)
+    total = sq_sum.sum()
+    return pd.DataFrame({"bin_center": (bins[:-1] + bins[1:]) / 2, "count": count,
+                         "mean_abs_error": np.where(count > 0, abs_sum / np.maximum(count, 1), np.nan),
+                         "share_of_squared_error": sq_sum / total if total > 0 else np.zeros(nb)})
+
+
 def block_absmax(weight: torch.Tensor, blocksize: int = BLOCKSIZE) -> torch.Tensor:
     """Per-element absmax of the flat block of ``blocksize`` each element falls in."""
     flat = weight.detach().float().reshape(-1)
@@ -138,6 +296,80 @@ def distinct_values_per_block(weight: torch.Tensor, blocksize: int) -> torch.Ten
     n = flat.numel() // blocksize * blocksize
     blocks = flat[:n].view(-1, blocksize).sort(dim=1).values
     return 1 + (blocks[:, 1:] != blocks[:, :-1]).sum(dim=1)
+
+
+# --------------------------------------------------------------------------- weight-only simulation
+def quantizable_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    """The ``nn.Linear`` layers a bitsandbytes load quantizes: every one except the output
+    embedding (``lm_head``, tied to the token embedding in the embedded models)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
+
+
+@contextlib.contextmanager
+def weight_only(model: torch.nn.Module, method: str, blocksize: int = BLOCKSIZE) -> Iterator[WeightNoise]:
+    """Inside the ``with`` block, every layer of :func:`quantizable_linears` holds the round trip
+    of its weight through ``method`` while activations stay in the model's float dtype: a
+    weight-only simulation of ``method``. The original weights are back on exit. Yields the
+    :class:`WeightNoise` summed over the replaced weights."""
+    layers = quantizable_linears(model)
+    originals: dict[str, torch.Tensor] = {}
+    noise = WeightNoise()
+    try:
+        for name, layer in layers.items():
+            w = layer.weight.data
+            approx = roundtrip(w, method, blocksize).dequantized.to(device=w.device, dtype=w.dtype)
+            noise.add(w, approx)
+            originals[name] = w
+            layer.weight.data = approx
+        yield noise
+    finally:
+        for name, w in originals.items():
+            layers[name].weight.data = w
+
+
+def dequantized_linears(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(module name, float32 weight)`` of every bitsandbytes ``Linear4bit`` / ``Linear8bitLt``
+    in ``model``, dequantized from what it stores. Call it before the first forward: on CPUs with
+    AVX512-BF16, bitsandbytes repacks 4-bit weights at the first forward (then this raises)."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            state = module.weight.quant_state
+            if getattr(state, "packing_format_for_cpu", False):
+                raise ValueError(f"{name}: 4-bit weights were repacked for the CPU kernel; dequantize before the first forward")
+            yield name, F.dequantize_4bit(module.weight.data, state).float().cpu()
+        elif isinstance(module, bnb.nn.Linear8bitLt):
+            w = module.weight
+            yield name, (w.data.float() * w.SCB.float()[:, None] / 127.0).cpu()
+
+
+def cpu_fused_4bit(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s 4-bit layers take bitsandbytes' fused CPU kernel: on CPUs with
+    AVX512-BF16, ``Linear4bit`` repacks its weights at the first forward and multiplies in bf16
+    with bf16 absmax values, so its output differs from dequantize + float matmul."""
+    import bitsandbytes as bnb
+
+    return any(isinstance(m, bnb.nn.Linear4bit) and getattr(m, "support_avx512bf16_for_cpu", False)
+               and m.weight.device.type == "cpu" for m in model.modules())
+
+
+def use_dequantize_path(model: torch.nn.Module) -> int:
+    """Make every ``Linear4bit`` of ``model`` dequantize its weights to the compute dtype and use
+    a plain matmul on CPU (what bitsandbytes does on CPUs without AVX512-BF16); call it before
+    the first forward. Returns the number of layers changed."""
+    import bitsandbytes as bnb
+
+    changed = 0
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            if getattr(m.weight.quant_state, "packing_format_for_cpu", False):
+                raise ValueError("4-bit weights were already repacked by a forward pass")
+            changed += bool(getattr(m, "support_avx512bf16_for_cpu", False))
+            m.support_avx512bf16_for_cpu = False
+    return changed
 
 
 # --------------------------------------------------------------------------- accounting
@@ -280,3 +512,24 @@ def total_bits(quantized_payload_bytes: int, quant_state_bytes: int, other_param
         raise ValueError("give exactly one of other_bits and other_bytes")
     other = other_bytes * 8 if other_bytes is not None else other_params * other_bits
     return 8 * (quantized_payload_bytes + quant_state_bytes) + other
+
+
+def q4_1_grid(block: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """The 16 values a GGUF Q4_1 block can hold, recovered from its dequantized weights:
+    ``min + step * k`` for k = 0..15 with ``step = (max - min) / 15`` (llama.cpp's reference
+    ``quantize_row_q4_1`` maps the block minimum to code 0 and the maximum to code 15)."""
+    b = block.detach().double().flatten()
+    lo, hi = float(b.min()), float(b.max())
+    step = (hi - lo) / 15
+    return torch.tensor([lo + step * k for k in range(16)], dtype=torch.float64), step
+
+
+def grid_distance(values: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Distance of each value to the nearest grid point."""
+    v, g = values.detach().double().flatten(), grid.detach().double().flatten()
+    return (v[:, None] - g[None, :]).abs().amin(dim=1)
+
+
+def bits_per_parameter_q4_1(block: int = 32) -> float:
+    """GGUF Q4_1: 4-bit codes plus an fp16 scale and an fp16 minimum per block, ``4 + 32/32 = 5``."""
+    return 4 + (16 + 16) / block

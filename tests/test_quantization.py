@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from helpers import quantization as qz
 
-# REFERENCE.md: bitsandbytes get_4bit_type('nf4')
+# bitsandbytes 0.50.2 get_4bit_type('nf4'), the table of QLoRA (arXiv 2305.14314), Appendix E
 NF4 = [-1.0, -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 0.0,
        0.0796, 0.1609, 0.2461, 0.3379, 0.4407, 0.5626, 0.7230, 1.0]
 
 
-def test_nf4_codebook_matches_reference():
+def test_nf4_codebook_matches_the_bitsandbytes_table():
     assert qz.codebook("nf4").tolist() == pytest.approx(NF4, abs=1e-4)
 
 
@@ -156,3 +157,194 @@ def test_total_bits_by_hand():
     assert qz.total_bits(100, 10, 50, other_bytes=200) == 8 * 110 + 1600
     with pytest.raises(ValueError):
         qz.total_bits(1, 1, 1)
+
+
+# ----------------------------------------------------------------------------- teaching measures
+def test_distinct_levels_of_the_three_codebooks():
+    # FP4's +0, -0 and +-0.0052 merge into one level; int4's two zeros into one; NF4 keeps 16
+    got = {name: qz.distinct_levels(qz.codebook(name), tol=0.02) for name in ("nf4", "fp4", "int4")}
+    assert got == {"nf4": 16, "fp4": 13, "int4": 15}
+    assert qz.distinct_levels(qz.codebook("fp4"), tol=1e-9) == 15  # only the exact double zero merges
+    assert qz.distinct_levels(torch.tensor([0.0, 0.5, 0.51, 1.0]), tol=0.02) == 3
+    assert qz.distinct_levels(torch.tensor([]), tol=0.1) == 0
+
+
+def test_worst_rounding_error_is_half_the_widest_gap():
+    assert qz.worst_rounding_error(qz.codebook("fp4")) == pytest.approx(1 / 6, abs=1e-6)
+    assert qz.worst_rounding_error(qz.codebook("int4")) == pytest.approx(1 / 14, abs=1e-6)
+    # NF4 is asymmetric: its widest gap is on the negative side, -1 to -0.6962
+    assert qz.worst_rounding_error(qz.codebook("nf4")) == pytest.approx((1 - 0.6962) / 2, abs=1e-4)
+    with pytest.raises(ValueError):
+        qz.worst_rounding_error(torch.zeros(3))
+
+
+def test_code_indices_unpack_bitsandbytes_packing():
+    import bitsandbytes.functional as F
+
+    assert qz.code_indices(torch.tensor([[0xAB], [0x01]], dtype=torch.uint8), 3).tolist() == [10, 11, 0]
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(2))
+    for quant_type in ("nf4", "fp4"):
+        packed, state = F.quantize_4bit(w, blocksize=64, quant_type=quant_type)
+        idx = qz.code_indices(packed, w.numel())
+        rebuilt = state.code[idx].view(-1, 64) * state.absmax[:, None]
+        assert torch.equal(rebuilt.view_as(w), F.dequantize_4bit(packed, state))
+    with pytest.raises(ValueError, match="hold"):
+        qz.code_indices(torch.zeros(2, dtype=torch.uint8), 5)
+
+
+def test_usage_entropy_by_hand():
+    assert qz.usage_entropy_bits(torch.ones(16)) == pytest.approx(4.0)
+    assert qz.usage_entropy_bits(torch.tensor([5.0, 5.0, 0.0, 0.0])) == pytest.approx(1.0)
+    assert qz.usage_entropy_bits(torch.tensor([3.0, 0.0])) == 0.0
+    with pytest.raises(ValueError):
+        qz.usage_entropy_bits(torch.tensor([1.0, -1.0]))
+
+
+def test_sqnr_by_hand_and_summed_over_matrices():
+    w, a = torch.tensor([[3.0, 4.0]]), torch.tensor([[3.0, 3.0]])
+    assert qz.sqnr_db(w, a) == pytest.approx(10 * math.log10(25 / 1))
+    rel = qz.error_stats(w, a)["rel_frobenius_error"]
+    assert qz.sqnr_db(w, a) == pytest.approx(-20 * math.log10(rel))
+    assert qz.sqnr_db(w, w) == math.inf
+    total = qz.WeightNoise()
+    total.add(w, a)
+    total.add(torch.tensor([[1.0]]), torch.tensor([[0.0]]))
+    assert (total.signal, total.noise, total.count) == (26.0, 2.0, 3)
+    assert total.sqnr_db == pytest.approx(10 * math.log10(13))
+    with pytest.raises(ValueError, match="shapes"):
+        total.add(w, a.T)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_trace_block_reproduces_bitsandbytes(quant_type):
+    import bitsandbytes.functional as F
+
+    block = torch.randn(1, 64, generator=torch.Generator().manual_seed(3)) * 0.02
+    packed, state = F.quantize_4bit(block, blocksize=64, quant_type=quant_type)
+    trace = qz.trace_block(block, qz.codebook(quant_type))
+    assert trace.absmax == pytest.approx(block.abs().max().item())
+    assert trace.scaled.abs().max().item() == pytest.approx(1.0)
+    assert torch.equal(trace.dequantized, F.dequantize_4bit(packed, state).flatten())
+    assert torch.allclose(trace.error, trace.dequantized - block.flatten())
+    # the absmax itself is stored exactly: its weight has no error
+    assert trace.error[block.abs().argmax()].item() == 0.0
+    with pytest.raises(ValueError, match="zero"):
+        qz.trace_block(torch.zeros(64), qz.codebook("nf4"))
+
+
+def test_double_quant_moves_each_scale_a_little():
+    import bitsandbytes.functional as F
+
+    w = torch.randn(256, 512, generator=torch.Generator().manual_seed(4))
+    exact, nested = qz.double_quant_absmax(w, "nf4")
+    _, plain = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=False)
+    assert torch.equal(exact, plain.absmax) and nested.shape == exact.shape
+    rel = (nested / exact - 1).abs()
+    assert 0 < rel.median().item() < 0.005 and rel.max().item() < 0.02  # 8 bits per scale, not 32
+
+
+def test_scale_absmax_row_for_int8_block_for_4bit():
+    w = torch.tensor([[1.0, -3.0, 2.0, 0.5], [0.5, 0.25, -0.25, 4.0]])
+    assert qz.scale_absmax(w, "int8").tolist() == [[3.0] * 4, [4.0] * 4]
+    assert qz.scale_absmax(w, "nf4", blocksize=2).tolist() == [[3.0, 3.0, 2.0, 2.0], [0.5, 0.5, 4.0, 4.0]]
+    with pytest.raises(ValueError, match="scale group"):
+        qz.scale_absmax(w, "bf16")
+
+
+def test_error_by_position_by_hand():
+    bins = np.array([-1.0, 0.0, 1.0])
+    table = qz.error_by_position(np.array([-0.5, 0.5, 0.9]), np.array([0.1, -0.2, 0.2]), bins)
+    assert table["count"].tolist() == [1, 2]
+    assert table["mean_abs_error"].tolist() == pytest.approx([0.1, 0.2])
+    assert table["share_of_squared_error"].tolist() == pytest.approx([0.01 / 0.09, 0.08 / 0.09])
+    assert table["bin_center"].tolist() == [-0.5, 0.5]
+    with pytest.raises(ValueError):
+        qz.error_by_position(np.zeros(2), np.zeros(3), bins)
+
+
+class _Tiny(torch.nn.Module):
+    """Two hidden Linear layers and an output head, like a causal LM's blocks and lm_head."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(5)
+        self.blocks = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64))
+        self.head = torch.nn.Linear(64, 32, bias=False)
+        for p in self.parameters():
+            p.data = torch.randn(p.shape, generator=g)
+
+    def get_output_embeddings(self):
+        return self.head
+
+    def forward(self, x):
+        return self.head(self.blocks(x))
+
+
+def test_weight_only_swaps_the_block_linears_and_restores_them():
+    model = _Tiny()
+    assert list(qz.quantizable_linears(model)) == ["blocks.0", "blocks.2"]  # not the head
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(6))
+    with qz.weight_only(model, "nf4") as noise:
+        for name in ("blocks.0", "blocks.2"):
+            w = before[f"{name}.weight"]
+            assert torch.equal(model.get_submodule(name).weight, qz.roundtrip(w, "nf4").dequantized)
+        assert torch.equal(model.head.weight, before["head.weight"])
+        assert noise.count == 64 * 128 * 2
+        expected = qz.WeightNoise()
+        for name in ("blocks.0", "blocks.2"):
+            w = before[f"{name}.weight"]
+            expected.add(w, qz.roundtrip(w, "nf4").dequantized)
+        assert noise.sqnr_db == pytest.approx(expected.sqnr_db)
+        y_q = model(x)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    assert not torch.equal(y_q, model(x))
+    with pytest.raises(RuntimeError, match="inside"):
+        with qz.weight_only(model, "int8"):
+            raise RuntimeError("inside")
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_dequantized_linears_read_what_bitsandbytes_stores():
+    import bitsandbytes as bnb
+
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(7))
+    q4 = bnb.nn.Linear4bit(128, 64, bias=False, quant_type="nf4")
+    q4.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type="nf4", compress_statistics=False)
+    q8 = bnb.nn.Linear8bitLt(128, 64, bias=False, has_fp16_weights=False)
+    q8.weight = bnb.nn.Int8Params(w.clone(), requires_grad=False, has_fp16_weights=False)
+    model = torch.nn.ModuleDict({"a": q4, "b": q8}).to("cpu")
+    got = dict(qz.dequantized_linears(model))
+    assert list(got) == ["a", "b"]
+    assert torch.equal(got["a"], qz.roundtrip(w, "nf4").dequantized)
+    assert torch.allclose(got["b"], qz.roundtrip(w, "int8").dequantized)
+
+
+def test_q4_1_grid_recovers_a_block_on_its_grid():
+    codes = torch.tensor([0, 15, 3, 7, 7, 12] * 5 + [1, 2])
+    block = -0.03 + 0.004 * codes.double()
+    grid, step = qz.q4_1_grid(block)
+    assert step == pytest.approx(0.004) and grid[0].item() == pytest.approx(-0.03)
+    assert qz.grid_distance(block, grid).max().item() < 1e-12
+    assert qz.grid_distance(torch.tensor([-0.029]), grid).item() == pytest.approx(0.001)
+    assert qz.bits_per_parameter_q4_1() == 5.0
+
+
+def test_dequantize_path_gives_dequantize_plus_matmul():
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(8))
+    layer = bnb.nn.Linear4bit(128, 64, bias=False, quant_type="nf4", compute_dtype=torch.float32)
+    layer.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type="nf4", compress_statistics=False)
+    model = torch.nn.Sequential(layer).to("cpu")
+    assert qz.cpu_fused_4bit(model) == F.has_avx512bf16()  # this CPU decides
+    assert qz.use_dequantize_path(model) == int(F.has_avx512bf16())
+    assert not qz.cpu_fused_4bit(model)
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(9))
+    with torch.inference_mode():
+        y = model(x)
+    assert torch.equal(y, torch.nn.functional.linear(x, qz.roundtrip(w, "nf4").dequantized))
+    assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+    assert qz.use_dequantize_path(torch.nn.Linear(2, 2)) == 0
