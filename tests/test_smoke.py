@@ -228,7 +228,7 @@ def _check_02():
 @checks("03_speed_and_memory")
 def _check_03():
     summary, meta = table("03_speed_and_memory_summary.csv")  # tables of the device it ran on
-    kind = meta["parameters"]["device"].split(":")[0]
+    kind = meta["hardware_class"]
     p = meta["parameters"]
     assert len(summary) == len(p["models"]) * len(p["methods"]) * len(p["batch_sizes"])
     assert (summary.decode_tokens_per_s > 0).all()
@@ -268,6 +268,19 @@ def _check_04():
     assert np.isfinite(degradation["mean"]).all() and (degradation["mean"] <= 1).all()  # R = 1 - Q/Q_ref <= 1
     index, _ = table("04_temperature_sensitivity_sensitivity_index.csv")
     assert np.allclose(index["index"], index.R_low_band - index.R_high_band)
+    # running text: every method's block sums cover the same positions as the reference's
+    blocks, meta = table("04_temperature_sensitivity_text_blocks.csv.gz")
+    nominal = blocks[(blocks.view == "nominal") & (blocks.top_k == 0)]
+    n = nominal.groupby(["model", "method", "temperature"]).n.sum()
+    assert n.nunique() == 1 and n.iloc[0] >= 3 * meta["parameters"]["text"]["block"]
+    assert (nominal.p_true <= nominal.n + 1e-6).all() and (nominal.kl[nominal.temperature > 0] >= 0).all()
+    fits, _ = table("04_temperature_sensitivity_text_fits.csv")
+    assert fits.tau.between(0.5, 2).all() and fits.best_T.between(0.3, 3).all()
+    curves, _ = table("04_temperature_sensitivity_text_curves.csv")
+    assert set(curves.view) == {"nominal", "matched"} and (curves.R <= 1).all()
+    text_claims, _ = table("04_temperature_sensitivity_text_claims.csv")
+    assert set(text_claims.claim) == {"C2", "C3"} and set(text_claims.version) == {"first", "later"}
+    assert (text_claims.ci_low <= text_claims.ci_high).all()
 
 
 @checks("05_outlier_features")
