@@ -271,16 +271,16 @@ def matched_view(blocks: pd.DataFrame) -> pd.DataFrame:
 
 
 def loss_curve(blocks: pd.DataFrame, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> pd.DataFrame:
-    """Per (model, method, view, T): the expected next-word accuracy of the method and of the
+    """Per (model, method, view, T, top-k): the expected next-word accuracy of the method and of the
     reference it is compared with (``Q``, ``Q_ref``: sums over positions / positions) and the
     relative loss ``R = 1 - Q / Q_ref`` with its paired bootstrap interval over blocks."""
+    by = ["model", "method", "view", "temperature", "top_k"]
     rows = []
-    for (model, method, view, T), g in blocks.groupby(["model", "method", "view", "temperature"]):
+    for key, g in blocks.groupby(by):
         g = g.set_index(BLOCK_KEY)
         est, lo, hi = contrast_ci({"m": g.p_true, "r": g.ref_p_true}, lambda c: loss(c["m"], c["r"]), n_boot, level,
                                   seed)
-        rows.append({"model": model, "method": method, "view": view, "temperature": T,
-                     "Q": g.p_true.sum() / g.n.sum(), "Q_ref": g.ref_p_true.sum() / g.n.sum(),
+        rows.append({**dict(zip(by, key)), "Q": g.p_true.sum() / g.n.sum(), "Q_ref": g.ref_p_true.sum() / g.n.sum(),
                      "R": est, "R_low": lo, "R_high": hi})
     return pd.DataFrame(rows)
 
