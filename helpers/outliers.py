@@ -10,6 +10,16 @@ We read them as follows (stated in notebook 05): a (layer, dimension) pair is *h
 dimension is an *outlier feature* when it is hit in ``>= layer_share`` of the layers whose
 inputs live in the model's hidden dimension (the attention projections and the first FFN
 layers read the normalised residual stream, so a dimension index means the same feature there).
+The paper, too, leaves out the FFN contraction layer (``down_proj``), whose input lives in the
+FFN's inner dimension (its Sec. 4.1).
+
+**Scale-relative criterion.** A fixed magnitude is not scale-invariant: a layer whose input is
+ten times larger throughout is "hit" everywhere. Next to it we count ``|x| >= c * m``, with ``m``
+the median ``|x|`` of the layer's input in the same forward call (one window of text). For a
+standard normal input ``m = 0.674``, so ``c = 9`` (:data:`RELATIVE_C`) puts the threshold at
+``6.07``: where the paper's 6 sits for unit-scale inputs.
+
+:func:`set_int8_threshold` changes the outlier threshold of a loaded LLM.int8() model in place.
 """
 
 from __future__ import annotations
@@ -21,6 +31,11 @@ import pandas as pd
 import torch
 
 from .models import block_linears
+
+#: ``c`` of the scale-relative criterion ``|x| >= c * median|x|`` (see the module docstring).
+RELATIVE_C = 9.0
+#: Values of one call above which the median is estimated from a fixed random sample of this size.
+MEDIAN_SAMPLE = 1 << 16
 
 #: Input-side names of the Linear layers that bitsandbytes quantizes, by role.
 HIDDEN_INPUT = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # read the (normed) residual stream
@@ -39,6 +54,13 @@ class LayerStats:
     max_abs: torch.Tensor | None = None  # [dims]
     hits: dict[float, torch.Tensor] = field(default_factory=dict)  # threshold -> [dims] positions with |x| >= t
     call_outlier_cols: dict[float, list[int]] = field(default_factory=dict)  # threshold -> per call, columns >= t
+    call_median: list[float] = field(default_factory=list)  # per call, the median |x| (the layer's scale)
+    relative_hits: dict[float, torch.Tensor] = field(default_factory=dict)  # c -> [dims] positions with |x| >= c m
+
+    @property
+    def median_abs(self) -> float:
+        """The median over calls of the per-call median ``|x|``."""
+        return float(np.median(self.call_median)) if self.call_median else float("nan")
 
 
 class ActivationRecorder:
@@ -46,12 +68,18 @@ class ActivationRecorder:
 
     ``thresholds``: magnitudes counted per dimension; for each, also the number of columns that
     LLM.int8() would send to 16 bits in each call (a column with any ``|x| >= t`` in the call).
+    ``relative``: the ``c`` of the scale-relative criterion ``|x| >= c * m`` (``m``: the call's
+    median ``|x|`` (the lower median, exact up to :data:`MEDIAN_SAMPLE` values, above that from a
+    seeded sample).
     Use as a context manager; the hooks are removed on exit.
     """
 
-    def __init__(self, model: torch.nn.Module, thresholds: list[float], histogram_edges: np.ndarray | None = None):
+    def __init__(self, model: torch.nn.Module, thresholds: list[float], histogram_edges: np.ndarray | None = None,
+                 relative: tuple[float, ...] = (RELATIVE_C,)):
         self.model = model
         self.thresholds = sorted(float(t) for t in thresholds)
+        self.relative = sorted(float(c) for c in relative)
+        self._sample = torch.Generator().manual_seed(0)
         self.edges = histogram_edges
         self.histogram = np.zeros(len(histogram_edges) - 1, dtype=np.int64) if histogram_edges is not None else None
         self.stats: dict[str, LayerStats] = {}
@@ -83,6 +111,14 @@ class ActivationRecorder:
                 ge = (x >= t).sum(0).cpu()
                 s.hits[t] = ge if t not in s.hits else s.hits[t] + ge
                 s.call_outlier_cols.setdefault(t, []).append(int((col_max >= t).sum()))
+            flat = x.reshape(-1)
+            if flat.numel() > MEDIAN_SAMPLE:
+                flat = flat[torch.randint(flat.numel(), (MEDIAN_SAMPLE,), generator=self._sample).to(flat.device)]
+            median = float(flat.median())
+            s.call_median.append(median)
+            for c in self.relative:  # a zero median (an all-zero call) hits nothing
+                ge = (x >= c * median).sum(0).cpu() if median > 0 else torch.zeros(x.shape[1], dtype=torch.long)
+                s.relative_hits[c] = ge if c not in s.relative_hits else s.relative_hits[c] + ge
             if self.histogram is not None:
                 self.histogram += np.histogram(col_max.numpy(), bins=self.edges)[0]
         return hook
@@ -96,19 +132,37 @@ class ActivationRecorder:
                 rows.append({"layer": s.name, "block": s.block, "role": s.role, "hidden_input": s.role in HIDDEN_INPUT,
                              "dims": s.dims, "positions": s.positions, "threshold": t,
                              "max_abs": float(s.max_abs.max()) if s.max_abs is not None else float("nan"),
+                             "median_abs": s.median_abs,
                              "cols_16bit_share": float(np.mean(cols)) / s.dims if cols else float("nan")})
         return pd.DataFrame(rows)
 
-    def hit_share(self, threshold: float, hidden_only: bool = True) -> tuple[list[str], np.ndarray]:
-        """``(layer names, [layers, dims] share of positions with |x| >= threshold)``."""
+    def hit_share(self, threshold: float, hidden_only: bool = True, relative: bool = False) -> tuple[list[str], np.ndarray]:
+        """``(layer names, [layers, dims] share of positions with |x| >= threshold)``; with
+        ``relative=True``, ``threshold`` is a recorded ``c`` and the test is ``|x| >= c * m``."""
         t = float(threshold)
-        if t not in self.thresholds:
-            raise ValueError(f"threshold {threshold} was not recorded; recorded: {self.thresholds}")
+        recorded = self.relative if relative else self.thresholds
+        if t not in recorded:
+            raise ValueError(f"{'c' if relative else 'threshold'} {threshold} was not recorded; recorded: {recorded}")
         chosen = [s for s in self.stats.values() if not hidden_only or s.role in HIDDEN_INPUT]
         dims = {s.dims for s in chosen}
         if len(dims) != 1:
             raise ValueError(f"layers of different input widths {sorted(dims)}: pass hidden_only=True")
-        return [s.name for s in chosen], np.stack([(s.hits[t] / max(s.positions, 1)).numpy() for s in chosen])
+        hits = [(s.relative_hits if relative else s.hits).get(t, torch.zeros(s.dims)) for s in chosen]  # 0: never called
+        return [s.name for s in chosen], np.stack([(h / max(s.positions, 1)).numpy() for s, h in zip(chosen, hits)])
+
+    def largest(self) -> dict[str, object]:
+        """Where the largest ``|x|`` entered: over all recorded layers and over the hidden-input ones
+        (``layer``, ``role``, ``max_abs``, and ``max_abs / median_abs`` of that layer)."""
+        out: dict[str, object] = {}
+        seen = [s for s in self.stats.values() if s.max_abs is not None]  # layers that were called
+        for tag, chosen in (("any", seen), ("hidden", [s for s in seen if s.role in HIDDEN_INPUT])):
+            if not chosen:
+                continue
+            s = max(chosen, key=lambda s: float(s.max_abs.max()))
+            peak = float(s.max_abs.max())
+            out.update({f"max_abs_{tag}": peak, f"max_abs_{tag}_layer": s.name, f"max_abs_{tag}_role": s.role,
+                        f"max_abs_{tag}_over_median": peak / s.median_abs if s.median_abs > 0 else float("inf")})
+        return out
 
 
 def outlier_dimensions(hit_share: np.ndarray, position_share: float = 0.06, layer_share: float = 0.25) -> np.ndarray:
@@ -127,3 +181,24 @@ def layers_affected(hit_share: np.ndarray, dims: np.ndarray, position_share: flo
     if len(dims) == 0:
         return 0.0
     return float((h[:, dims] >= position_share).any(axis=1).mean())
+
+
+def set_int8_threshold(model: torch.nn.Module, threshold: float, roles: tuple[str, ...] | None = None) -> int:
+    """Set the outlier threshold of every LLM.int8() layer (``bitsandbytes.nn.Linear8bitLt``) of a
+    loaded model in place; bitsandbytes reads it on every call, so this equals loading the model
+    with that threshold. With ``roles`` (e.g. ``("down_proj",)``) only layers whose name ends
+    with one of them get ``threshold``, all others 0 (no decomposition). Returns the number of
+    layers set to ``threshold``."""
+    import bitsandbytes as bnb
+
+    if not threshold >= 0:
+        raise ValueError(f"threshold must be >= 0, got {threshold}")
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear8bitLt)]
+    if not layers:
+        raise ValueError("the model has no LLM.int8() (Linear8bitLt) layers")
+    chosen = 0
+    for name, module in layers:
+        hit = roles is None or name.endswith(tuple(roles))
+        module.state.threshold = float(threshold) if hit else 0.0
+        chosen += hit
+    return chosen

@@ -79,3 +79,87 @@ def test_block_linears_names_block_and_role():
     assert got == [("model.layers.0.q_proj", 0, "q_proj"), ("model.layers.0.down_proj", 0, "down_proj"),
                    ("model.layers.1.q_proj", 1, "q_proj"), ("model.layers.1.down_proj", 1, "down_proj"),
                    ("model.layers.1.mlp.up_proj", 1, "mlp.up_proj")]
+
+
+def test_relative_criterion_is_scale_invariant_and_counts_by_hand():
+    # one call of 3 positions x 4 dims holding 1..12: lower median 6
+    net = _Tiny()
+    x = torch.arange(1.0, 13.0).reshape(1, 3, 4)
+    with outliers.ActivationRecorder(net, thresholds=[6.0], relative=(1.5, 2.0)) as rec:
+        net.model.layers[0].q_proj(x)
+    s = rec.stats["model.layers.0.q_proj"]
+    assert s.call_median == [6.0] and s.median_abs == 6.0
+    _, share = rec.hit_share(1.5, relative=True)  # |x| >= 9: the last position, every dim
+    assert share[0].tolist() == pytest.approx([1 / 3, 1 / 3, 1 / 3, 1 / 3])
+    _, share = rec.hit_share(2.0, relative=True)  # |x| >= 12: one value
+    assert share[0].tolist() == pytest.approx([0.0, 0.0, 0.0, 1 / 3])
+    # the same input 100x larger: the absolute test changes, the relative one does not
+    with outliers.ActivationRecorder(net, thresholds=[6.0], relative=(1.5,)) as big:
+        net.model.layers[0].q_proj(-100 * x)
+    assert big.hit_share(1.5, relative=True)[1][0].tolist() == pytest.approx([1 / 3] * 4)
+    assert big.hit_share(6.0)[1][0].tolist() == [1.0] * 4
+    assert rec.hit_share(6.0)[1][0].tolist() == pytest.approx([1 / 3, 2 / 3, 2 / 3, 2 / 3])  # 6, 7, 8 and 9..12
+    with pytest.raises(ValueError, match="not recorded"):
+        rec.hit_share(3.0, relative=True)
+    with outliers.ActivationRecorder(net, thresholds=[6.0]) as zero:  # an all-zero call hits nothing
+        net.model.layers[0].q_proj(torch.zeros(1, 3, 4))
+    assert zero.hit_share(outliers.RELATIVE_C, relative=True)[1].sum() == 0
+
+
+def test_relative_criterion_c9_matches_six_for_unit_gaussian_inputs():
+    # for standard normal inputs the median |x| is 0.674: 9 x median is about 6
+    torch.manual_seed(0)
+    net = _Tiny()
+    with outliers.ActivationRecorder(net, thresholds=[6.0]) as rec:
+        net.model.layers[0].q_proj(torch.randn(1, 200_000, 4))  # above MEDIAN_SAMPLE: sampled median
+    m = rec.stats["model.layers.0.q_proj"].median_abs
+    assert m == pytest.approx(0.6745, rel=0.02)
+    assert outliers.RELATIVE_C * m == pytest.approx(6.07, rel=0.02)
+
+
+def test_largest_names_the_layer_and_its_scale():
+    net = _Tiny()
+    small = torch.tensor([[[0.5, 1.0, -2.0, 1.0]]])
+    big = torch.tensor([[[30.0, 1.0, 1.0, 1.0]]])
+    with outliers.ActivationRecorder(net, thresholds=[6.0]) as rec:
+        net.model.layers[0].q_proj(small)
+        net.model.layers[0].down_proj(big)
+    got = rec.largest()
+    assert got["max_abs_any"] == 30.0 and got["max_abs_any_role"] == "down_proj"
+    assert got["max_abs_any_layer"] == "model.layers.0.down_proj"
+    assert got["max_abs_any_over_median"] == 30.0  # lower median of (30, 1, 1, 1) is 1
+    assert got["max_abs_hidden"] == 2.0 and got["max_abs_hidden_role"] == "q_proj"
+    assert got["max_abs_hidden_over_median"] == 2.0  # lower median of (0.5, 1, 2, 1) is 1
+    table = rec.layer_table()
+    assert table.set_index(["layer", "threshold"]).loc[("model.layers.0.q_proj", 6.0), "median_abs"] == 1.0
+
+
+def _int8_layer(weight: torch.Tensor, threshold: float):
+    bnb = pytest.importorskip("bitsandbytes")
+    layer = bnb.nn.Linear8bitLt(weight.shape[1], weight.shape[0], bias=False, has_fp16_weights=False,
+                                threshold=threshold)
+    layer.weight = bnb.nn.Int8Params(weight.clone(), requires_grad=False, has_fp16_weights=False)
+    return layer.to("cpu").eval()  # in training mode bitsandbytes' CPU path ignores the threshold
+
+
+def test_set_int8_threshold_equals_loading_with_that_threshold():
+    torch.manual_seed(0)
+    w = torch.randn(8, 32)
+    x = torch.randn(6, 32)
+    x[:, 5] = 40.0  # one outlier column
+    net = torch.nn.Module()
+    net.q_proj, net.down_proj = _int8_layer(w, 0.0), _int8_layer(w, 0.0)
+    fresh = _int8_layer(w, 6.0)
+    with torch.no_grad():
+        off = net.q_proj(x)
+        assert outliers.set_int8_threshold(net, 6.0) == 2
+        assert torch.equal(net.q_proj(x), fresh(x))
+        assert not torch.equal(off, fresh(x))  # the decomposition changed the result
+        exact = x @ w.T
+        assert (fresh(x) - exact).abs().max() < (off - exact).abs().max()
+    assert outliers.set_int8_threshold(net, 6.0, roles=("down_proj",)) == 1
+    assert net.q_proj.state.threshold == 0.0 and net.down_proj.state.threshold == 6.0
+    with pytest.raises(ValueError):
+        outliers.set_int8_threshold(torch.nn.Linear(2, 2), 6.0)
+    with pytest.raises(ValueError):
+        outliers.set_int8_threshold(net, -1.0)

@@ -1,0 +1,336 @@
+"""Quality per model bit: text scored on shared character spans, paired intervals, precision
+families and the equal-memory verdict (notebook 06; notebook 05 scores its text the same way).
+
+**Shared character spans.** Perplexity per token depends on the tokenizer; bits per byte does
+not. To compare two models with a *paired* bootstrap, every document is cut into spans of about
+``span_bytes`` UTF-8 bytes at whitespace: the same spans for every model. A scored token belongs
+to the span that holds its last character and carries the bytes from the end of the previous
+token to its own end, so a document's tokens tile its bytes. A model's bits per byte on any set
+of spans is ``sum NLL / ln 2 / sum bytes`` over their tokens; resampling spans with replacement,
+the same spans for every model, gives paired intervals on differences. Tokens a model does not
+score (the first of each window when its tokenizer adds no BOS) leave their bytes out of that
+model's sums, so two models' byte counts may differ by a few bytes per window.
+
+**Precision families.** Double quantization (``nf4-dq``) is a replicate of ``nf4``, ``int8-noout``
+(no outlier decomposition) of ``int8``, ``fp16`` of ``bf16`` (the same 16 bits): each family is
+one piece of evidence, represented by its first method in the registry's order.
+
+**The equal-memory claim** (Dettmers & Zettlemoyer 2022): a larger model at a lower precision
+beats a smaller model at a higher precision that needs at least as many bits.
+:func:`equal_memory_pairs` lists the pairs of precision families at deployment precisions (16
+bits and below), :func:`equal_memory_verdict` decides from those that are eligible.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import methods as registry
+from .analysis import bootstrap_ci_of
+from .runtime import synchronize
+
+LN2 = math.log(2)
+VERDICTS = ("holds", "does not hold", "inconclusive", "cannot be tested at this scale", "cannot be tested")
+OUTCOMES = ("larger better", "smaller better", "not resolved")
+
+
+# --------------------------------------------------------------------------- text and spans
+@dataclass(frozen=True)
+class Span:
+    """Characters ``[start, stop)`` of document ``doc``."""
+
+    doc: str
+    start: int
+    stop: int
+
+
+def truncate(text: str, max_bytes: int | None) -> str:
+    """The longest prefix of ``text`` of at most ``max_bytes`` UTF-8 bytes that ends at a paragraph
+    break (or, if none lies in its second half, at whitespace); ``text`` itself if it fits."""
+    if max_bytes is None or len(text.encode("utf-8")) <= max_bytes:
+        return text
+    head = text.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore")
+    cut = head.rfind("\n\n")
+    if cut < len(head) // 2:
+        cut = max(head.rfind(" "), head.rfind("\n"))
+    if cut <= 0:
+        raise ValueError(f"no whitespace in the first {max_bytes} bytes to cut the text at")
+    return head[:cut].rstrip()
+
+
+def split_spans(documents: dict[str, str], span_bytes: int) -> list[Span]:
+    """Cut each document into spans of at least ``span_bytes`` bytes, ending after whitespace;
+    a last piece shorter than half a span joins the span before it."""
+    if span_bytes < 1:
+        raise ValueError(f"span_bytes must be >= 1, got {span_bytes}")
+    spans: list[Span] = []
+    for doc, text in documents.items():
+        start, size, first = 0, 0, len(spans)
+        for word in re.finditer(r"\S+\s*", text):
+            size += len(word.group().encode("utf-8"))
+            if size >= span_bytes:
+                spans.append(Span(doc, start, word.end()))
+                start, size = word.end(), 0
+        if start < len(text):
+            if size < span_bytes / 2 and len(spans) > first:
+                spans[-1] = Span(doc, spans[-1].start, len(text))
+            else:
+                spans.append(Span(doc, start, len(text)))
+    return spans
+
+
+def window_indices(n_tokens: int, window: int, has_bos: bool) -> list[list[int]]:
+    """Token indices of each model input, as :func:`helpers.evaluation.token_windows` cuts them:
+    non-overlapping windows of ``window`` tokens whose first token is context only; with a BOS
+    (index 0), every window starts with it and scores ``window - 1`` new tokens."""
+    if window < 2:
+        raise ValueError(f"window must be at least 2 tokens, got {window}")
+    if has_bos:
+        return [[0, *range(s, min(s + window - 1, n_tokens))] for s in range(1, n_tokens, window - 1)
+                if min(s + window - 1, n_tokens) > s]
+    return [list(range(s, min(s + window, n_tokens))) for s in range(0, n_tokens, window)
+            if min(s + window, n_tokens) - s >= 2]
+
+
+@dataclass
+class TokenizedText:
+    """One model's inputs for a set of documents and, per scored token (in input order), its span
+    index and the UTF-8 bytes it covers."""
+
+    windows: list[list[int]]
+    span: np.ndarray  # [scored tokens] index into the spans
+    n_bytes: np.ndarray  # [scored tokens]
+    n_spans: int
+
+    @property
+    def n_scored(self) -> int:
+        return len(self.span)
+
+    def span_sums(self, values: np.ndarray) -> np.ndarray:
+        """Per-token ``values`` summed over each span: ``[n_spans]``."""
+        return np.bincount(self.span, weights=np.asarray(values, dtype=np.float64), minlength=self.n_spans)
+
+    def span_bytes(self) -> np.ndarray:
+        """Bytes of the scored tokens of each span."""
+        return self.span_sums(self.n_bytes)
+
+    def span_tokens(self) -> np.ndarray:
+        """Scored tokens per span."""
+        return self.span_sums(np.ones(self.n_scored))
+
+
+def tokenize(tokenizer, documents: dict[str, str], spans: list[Span], window: int) -> TokenizedText:
+    """Windows of every document (as :func:`helpers.evaluation.perplexity` cuts them) with the span
+    and byte count of each scored token; ``tokenizer`` must return ``offset_mapping``."""
+    bos = tokenizer.bos_token_id
+    windows, span_of, nbytes = [], [], []
+    for doc, text in documents.items():
+        mine = [(i, s) for i, s in enumerate(spans) if s.doc == doc]
+        if not mine:
+            raise ValueError(f"no spans for document {doc!r}")
+        enc = tokenizer(text, return_offsets_mapping=True)
+        ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+        has_bos = bos is not None and bool(ids) and ids[0] == bos
+        # bytes per token: from the end of the text already covered to the token's own end
+        covered, tok_bytes, ends = 0, [], []
+        for _, end in offsets:
+            tok_bytes.append(len(text[covered:end].encode("utf-8")) if end > covered else 0)
+            covered = max(covered, end)
+            ends.append(end)
+        stops = np.array([s.stop for _, s in mine])
+        tok_span = mine[0][0] + np.minimum(np.searchsorted(stops, ends, side="left"), len(mine) - 1)
+        for idx in window_indices(len(ids), window, has_bos):
+            windows.append([ids[i] for i in idx])
+            span_of += [int(tok_span[i]) for i in idx[1:]]
+            nbytes += [tok_bytes[i] for i in idx[1:]]
+    return TokenizedText(windows, np.array(span_of, dtype=np.int64), np.array(nbytes, dtype=np.float64), len(spans))
+
+
+# --------------------------------------------------------------------------- scoring
+@dataclass
+class Scores:
+    """Per scored token: negative log-likelihood (nats) and, if a reference was given,
+    KL(reference || model) in nats; ``logprobs``: the model's own log-probabilities, kept in
+    float16 when asked for (to serve as a later reference); ``window_s``: seconds of each
+    window's forward call alone."""
+
+    nll: np.ndarray
+    kl: np.ndarray | None = None
+    logprobs: list[torch.Tensor] | None = None
+    window_s: list[float] | None = None
+
+    def tokens_per_s(self, text: TokenizedText) -> float:
+        """Forward speed over every window but the first, which serves as the warm-up call (one-time
+        costs: allocation, kernel selection); NaN with a single window."""
+        if not self.window_s or len(self.window_s) < 2:
+            return float("nan")
+        return sum(len(w) for w in text.windows[1:]) / sum(self.window_s[1:])
+
+
+def kl_from_reference(reference: torch.Tensor, logp: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """``KL(p || q)`` per row, ``p`` from stored reference log-probabilities (renormalised, since
+    they are kept in float16), ``q = exp(logp)``; float32, in chunks of rows."""
+    out = []
+    for r, q in zip(reference.split(chunk), logp.split(chunk)):
+        lp = torch.log_softmax(r.float(), dim=-1)
+        out.append((lp.exp() * (lp - q.float())).sum(-1))
+    return torch.cat(out)
+
+
+@torch.inference_mode()
+def score(model, text: TokenizedText, reference: list[torch.Tensor] | None = None,
+          keep_logprobs: bool = False) -> Scores:
+    """Score every window of ``text``; log-softmax in float32 whatever the model's dtype. The
+    forward calls are timed (device synchronised on both sides), the scoring around them is not."""
+    if reference is not None and len(reference) != len(text.windows):
+        raise ValueError(f"reference has {len(reference)} windows, text has {len(text.windows)}")
+    device = next(model.parameters()).device
+    nll, kl, kept, seconds = [], [], [], []
+    for i, win in enumerate(text.windows):
+        x = torch.tensor([win], device=device)
+        synchronize(str(device))
+        t0 = time.perf_counter()
+        logits = model(x).logits
+        synchronize(str(device))
+        seconds.append(time.perf_counter() - t0)
+        logp = torch.log_softmax(logits[0, :-1].float(), dim=-1).cpu()
+        del logits
+        nll.append(-logp.gather(1, x[0, 1:, None].cpu()).squeeze(1))
+        if reference is not None:
+            kl.append(kl_from_reference(reference[i], logp))
+        if keep_logprobs:
+            kept.append(logp.to(torch.float16))
+        del logp
+    return Scores(torch.cat(nll).double().numpy(), torch.cat(kl).double().numpy() if kl else None,
+                  kept if keep_logprobs else None, seconds)
+
+
+# --------------------------------------------------------------------------- paired intervals
+def span_ci(columns: dict[str, np.ndarray], statistic: Callable[[dict[str, np.ndarray]], np.ndarray],
+            n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """``(estimate, low, high)`` of ``statistic`` of per-span sums, resampling spans (all columns
+    of a span together: a paired bootstrap).
+
+    ``columns`` map names to ``[n_spans]`` sums; ``statistic`` receives their *means* over the
+    resampled spans (``[n_boot]`` arrays), so it must be a function of ratios of columns, such as
+    ``nll / bytes``."""
+    names = list(columns)
+    x = np.column_stack([np.asarray(columns[n], dtype=np.float64) for n in names])
+    return bootstrap_ci_of(x, lambda m: statistic({n: m[..., i] for i, n in enumerate(names)}), n_boot, level, seed)
+
+
+def bpb_ci(nll: np.ndarray, n_bytes: np.ndarray, **kw) -> tuple[float, float, float]:
+    """Bits per byte ``sum nll / ln 2 / sum bytes`` (per-span sums) with its interval."""
+    return span_ci({"nll": nll, "bytes": n_bytes}, lambda c: c["nll"] / c["bytes"] / LN2, **kw)
+
+
+def bpb_difference_ci(nll_a: np.ndarray, bytes_a: np.ndarray, nll_b: np.ndarray, bytes_b: np.ndarray,
+                      **kw) -> tuple[float, float, float]:
+    """Bits per byte of A minus that of B on the same spans (negative: A is better), paired."""
+    return span_ci({"na": nll_a, "ba": bytes_a, "nb": nll_b, "bb": bytes_b},
+                   lambda c: (c["na"] / c["ba"] - c["nb"] / c["bb"]) / LN2, **kw)
+
+
+def perplexity_change_ci(nll_a: np.ndarray, nll_b: np.ndarray, tokens: np.ndarray, **kw) -> tuple[float, float, float]:
+    """``ppl_A / ppl_B - 1`` for two scorings of the same tokens (per-span sums), paired."""
+    est, low, high = span_ci({"a": nll_a, "b": nll_b, "n": tokens}, lambda c: (c["a"] - c["b"]) / c["n"], **kw)
+    return math.expm1(est), math.expm1(low), math.expm1(high)
+
+
+def mean_ci(values: np.ndarray, tokens: np.ndarray, **kw) -> tuple[float, float, float]:
+    """Mean per token of a per-span sum (e.g. KL), with its interval."""
+    return span_ci({"v": values, "n": tokens}, lambda c: c["v"] / c["n"], **kw)
+
+
+# --------------------------------------------------------------------------- families and the verdict
+def precision_family(method: str) -> str:
+    """``fp32``, ``16-bit`` (bf16, fp16), ``int8`` (int8, int8-noout), ``nf4`` (nf4, nf4-dq) or
+    ``fp4`` (fp4, fp4-dq)."""
+    spec = registry.get_method(method)
+    if spec.kind == "float":
+        return "fp32" if spec.nominal_bits >= 32 else f"{int(spec.nominal_bits)}-bit"
+    return "int8" if spec.kind == "int8" else str(spec.quant_type)
+
+
+def family_members(methods: Iterable[str]) -> dict[str, list[str]]:
+    """``{family: [representative, *replicates]}`` for the given methods, in the registry's order
+    (so ``bf16``, ``int8``, ``nf4``, ``fp4`` represent their families when present)."""
+    given = set(methods)
+    out: dict[str, list[str]] = {}
+    for name in registry.METHODS:
+        if name in given:
+            out.setdefault(precision_family(name), []).append(name)
+    unknown = given - set(registry.METHODS)
+    if unknown:
+        raise ValueError(f"unknown methods {sorted(unknown)}")
+    return out
+
+
+def equal_memory_pairs(table: pd.DataFrame, max_precision_bits: float = 16) -> pd.DataFrame:
+    """Candidate pairs for the equal-memory claim.
+
+    ``table``: one row per (model, family) with ``model``, ``family``, ``params``,
+    ``precision_bits`` (nominal bits per quantized weight) and ``total_bits``. A pair is the
+    larger model (more parameters) at a family of fewer precision bits against the smaller model
+    at a family of more, both at ``<= max_precision_bits`` (deployment precisions). Columns:
+    ``larger``, ``larger_family``, ``smaller``, ``smaller_family``, both ``*_bits``,
+    ``memory_ratio`` (larger / smaller) and ``eligible`` (the larger needs no more bits).
+    """
+    need = {"model", "family", "params", "precision_bits", "total_bits"}
+    if need - set(table.columns):
+        raise ValueError(f"table lacks columns {sorted(need - set(table.columns))}")
+    t = table[table.precision_bits <= max_precision_bits]
+    rows = []
+    for L in t.itertuples():
+        for S in t.itertuples():
+            if L.params > S.params and L.precision_bits < S.precision_bits:
+                rows.append({"larger": L.model, "larger_family": L.family, "smaller": S.model,
+                             "smaller_family": S.family, "larger_bits": L.total_bits, "smaller_bits": S.total_bits,
+                             "memory_ratio": L.total_bits / S.total_bits, "eligible": L.total_bits <= S.total_bits})
+    return pd.DataFrame(rows, columns=["larger", "larger_family", "smaller", "smaller_family", "larger_bits",
+                                       "smaller_bits", "memory_ratio", "eligible"])
+
+
+def pair_outcome(low: float, high: float) -> str:
+    """From the interval of ``bpb(larger) - bpb(smaller)``: ``larger better`` if it lies below 0,
+    ``smaller better`` if above, else ``not resolved``."""
+    if high < 0:
+        return "larger better"
+    if low > 0:
+        return "smaller better"
+    return "not resolved"
+
+
+def equal_memory_verdict(pairs: pd.DataFrame, n_models: int = 2) -> tuple[str, str]:
+    """``(verdict, why)`` from :func:`equal_memory_pairs` rows with ``diff_low``/``diff_high`` (the
+    interval of the bits-per-byte difference, larger minus smaller) for the eligible ones.
+
+    holds: every eligible pair favours the larger model; does not hold: none does and at least
+    one favours the smaller; inconclusive: otherwise; cannot be tested (at this scale): one model,
+    or no pair in which the larger model needs no more bits.
+    """
+    if n_models < 2:
+        return "cannot be tested", "only one model"
+    if pairs.empty:
+        return "cannot be tested at this scale", "no pair of a larger model at a lower precision and a smaller one at a higher"
+    eligible = pairs[pairs.eligible.astype(bool)]
+    if eligible.empty:
+        best = pairs.loc[pairs.memory_ratio.idxmin()]
+        return ("cannot be tested at this scale",
+                f"no pair at equal memory: the closest, {best.larger} {best.larger_family} vs {best.smaller} "
+                f"{best.smaller_family}, needs {best.memory_ratio:.2f}x the bits ({best.larger_bits / 1e6:.0f} vs "
+                f"{best.smaller_bits / 1e6:.0f} Mbit)")
+    outcomes = [pair_outcome(lo, hi) for lo, hi in zip(eligible.diff_low, eligible.diff_high)]
+    n, k_large, k_small = len(outcomes), outcomes.count("larger better"), outcomes.count("smaller better")
+    verdict = ("holds" if k_large == n else "does not hold" if k_large == 0 and k_small > 0 else "inconclusive")
+    why = (f"{k_large} of {n} equal-memory pairs (one per precision family) favour the larger model, {k_small} the "
+           f"smaller, {n - k_large - k_small} not resolved by the 95% paired interval")
+    return verdict, why
