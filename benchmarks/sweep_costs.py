@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import pandas as pd
 import torch
@@ -53,8 +52,16 @@ def main() -> None:
         fwd = median_time(lambda: sweep.last_token_logits(model, tok, texts))
         for ks in ([0], [0, 5, 20, 50, 200]):
             meas = median_time(lambda: sampling.next_token_measures(logits, other, temps, ks, answers))
-            rows.append({"model": name, "benchmark": f"exact measures, 21 T x top_k {ks}", "prompts": len(texts),
-                         "forward_s": fwd, "measures_s": meas, "total_over_forward": (fwd + meas) / fwd})
+            rows.append(
+                {
+                    "model": name,
+                    "benchmark": f"exact measures, 21 T x top_k {ks}",
+                    "prompts": len(texts),
+                    "forward_s": fwd,
+                    "measures_s": meas,
+                    "total_over_forward": (fwd + meas) / fwd,
+                }
+            )
         if name == args.models[0]:
             sub = sweep.generation_subset(prompts, 4)
             jobs = [(p, s) for p in sub.prompt for s in range(4)]
@@ -67,10 +74,16 @@ def main() -> None:
             batched_s = median_time(lambda: sampling.generate(model, tok, texts, seeds, 0.8, 0, 16, batch_size=64), 2)
             loop_s = median_time(loop, 1)
             same = torch.equal(torch.stack(loop()), sampling.generate(model, tok, texts, seeds, 0.8, 0, 16).tokens)
-            rows.append({"model": name, "benchmark": f"{len(jobs)} samples x 16 tokens: per-sample loop / batched",
-                         "loop_s": loop_s, "batched_s": batched_s, "speedup": loop_s / batched_s,
-                         "identical_samples": same})
-        del model
+            rows.append(
+                {
+                    "model": name,
+                    "benchmark": f"{len(jobs)} samples x 16 tokens: per-sample loop / batched",
+                    "loop_s": loop_s,
+                    "batched_s": batched_s,
+                    "speedup": loop_s / batched_s,
+                    "identical_samples": same,
+                }
+            )
     df = pd.DataFrame(rows)
     print(df.round(3).to_string(index=False))
     out = REPO_ROOT / "build" / "benchmarks" / "sweep_costs.csv"

@@ -24,8 +24,13 @@ from .stats import bootstrap_ci
 VERDICTS = ("holds", "does not hold", "inconclusive")
 
 
-def bootstrap_ci_of(values: np.ndarray, statistic: Callable[[np.ndarray], np.ndarray], n_boot: int = 1000,
-                    level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+def bootstrap_ci_of(
+    values: np.ndarray,
+    statistic: Callable[[np.ndarray], np.ndarray],
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float, float]:
     """``(estimate, low, high)`` of ``statistic(column means)``, resampling the rows of ``values``.
 
     ``values`` is ``[n_prompts, n_columns]``; ``statistic`` maps an array ``[..., n_columns]`` of
@@ -44,8 +49,9 @@ def bootstrap_ci_of(values: np.ndarray, statistic: Callable[[np.ndarray], np.nda
     return float(statistic(x.mean(axis=0))), float(low), float(high)
 
 
-def mean_ci_by(df: pd.DataFrame, by: Sequence[str], value: str, n_boot: int = 1000, seed: int = 0,
-               unit: str = "prompt_id") -> pd.DataFrame:
+def mean_ci_by(
+    df: pd.DataFrame, by: Sequence[str], value: str, n_boot: int = 1000, seed: int = 0, unit: str = "prompt_id"
+) -> pd.DataFrame:
     """Mean of ``value`` per group with a bootstrap interval, the ``unit`` (prompt) as the
     resampled unit: rows of one prompt (several samples, say) are averaged first.
 
@@ -67,8 +73,13 @@ def relative_degradation(q_method: np.ndarray, q_reference: np.ndarray) -> np.nd
     return 1 - np.asarray(q_method) / np.asarray(q_reference)
 
 
-def band_means(df: pd.DataFrame, value: str, band: Sequence[float], by: Sequence[str] = ("prompt_id",),
-               temperature: str = "temperature") -> pd.Series:
+def band_means(
+    df: pd.DataFrame,
+    value: str,
+    band: Sequence[float],
+    by: Sequence[str] = ("prompt_id",),
+    temperature: str = "temperature",
+) -> pd.Series:
     """Per-``by`` mean of ``value`` over the rows whose temperature lies in ``[band[0], band[1]]``."""
     lo, hi = band
     if lo > hi:
@@ -79,8 +90,15 @@ def band_means(df: pd.DataFrame, value: str, band: Sequence[float], by: Sequence
     return rows.groupby(list(by))[value].mean()
 
 
-def sensitivity_index(df: pd.DataFrame, low: Sequence[float], high: Sequence[float], quality: str = "p_answer",
-                      reference_quality: str = "ref_p_answer", n_boot: int = 1000, seed: int = 0) -> dict:
+def sensitivity_index(
+    df: pd.DataFrame,
+    low: Sequence[float],
+    high: Sequence[float],
+    quality: str = "p_answer",
+    reference_quality: str = "ref_p_answer",
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict:
     """Low-temperature sensitivity of one method: ``R(low band) - R(high band)``.
 
     ``df`` holds one method's rows (prompt_id, temperature, ``quality``, ``reference_quality``).
@@ -96,11 +114,21 @@ def sensitivity_index(df: pd.DataFrame, low: Sequence[float], high: Sequence[flo
 
     est, lo_ci, hi_ci = bootstrap_ci_of(x, index, n_boot, seed=seed)
     r_low, lo_low, hi_low = bootstrap_ci_of(x, lambda m: relative_degradation(m[..., 0], m[..., 1]), n_boot, seed=seed)
-    r_high, lo_high, hi_high = bootstrap_ci_of(x, lambda m: relative_degradation(m[..., 2], m[..., 3]), n_boot,
-                                               seed=seed)
-    return {"index": est, "index_low": lo_ci, "index_high": hi_ci, "R_low_band": r_low, "R_low_band_ci_low": lo_low,
-            "R_low_band_ci_high": hi_low, "R_high_band": r_high, "R_high_band_ci_low": lo_high,
-            "R_high_band_ci_high": hi_high, "prompts": len(table)}
+    r_high, lo_high, hi_high = bootstrap_ci_of(
+        x, lambda m: relative_degradation(m[..., 2], m[..., 3]), n_boot, seed=seed
+    )
+    return {
+        "index": est,
+        "index_low": lo_ci,
+        "index_high": hi_ci,
+        "R_low_band": r_low,
+        "R_low_band_ci_low": lo_low,
+        "R_low_band_ci_high": hi_low,
+        "R_high_band": r_high,
+        "R_high_band_ci_low": lo_high,
+        "R_high_band_ci_high": hi_high,
+        "prompts": len(table),
+    }
 
 
 def sign_verdict(low: float, high: float) -> str:
@@ -152,8 +180,11 @@ def family_blocks(blocks: pd.DataFrame) -> pd.DataFrame:
     """Block sums averaged over the methods of each family (``nf4`` with ``nf4-dq``, ``fp4``
     with ``fp4-dq``), so that twins count once, as replicates. Adds nothing for lone methods."""
     keys = [c for c in ("model", "view", "temperature", "top_k", *BLOCK_KEY) if c in blocks.columns]
-    numeric = [c for c in blocks.columns if c not in keys + ["method", "ref_temperature"]
-               and pd.api.types.is_numeric_dtype(blocks[c])]
+    numeric = [
+        c
+        for c in blocks.columns
+        if c not in keys + ["method", "ref_temperature"] and pd.api.types.is_numeric_dtype(blocks[c])
+    ]
     return blocks.assign(method=blocks.method.map(family)).groupby(["method", *keys], as_index=False)[numeric].mean()
 
 
@@ -169,14 +200,20 @@ def band_sums(blocks: pd.DataFrame, band: Sequence[float], column: str) -> pd.Se
     return rows.groupby(BLOCK_KEY)[column].mean()
 
 
-def contrast_ci(columns: dict[str, pd.Series], statistic: Callable[[dict[str, np.ndarray]], np.ndarray],
-                n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+def contrast_ci(
+    columns: dict[str, pd.Series],
+    statistic: Callable[[dict[str, np.ndarray]], np.ndarray],
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float, float]:
     """``statistic`` of the named columns' means over blocks, with a paired bootstrap interval
     (all columns of a block resampled together)."""
     table = pd.concat(columns, axis=1).dropna()
     names = list(table.columns)
-    return bootstrap_ci_of(table.to_numpy(), lambda m: statistic({n: m[..., i] for i, n in enumerate(names)}),
-                           n_boot, level, seed)
+    return bootstrap_ci_of(
+        table.to_numpy(), lambda m: statistic({n: m[..., i] for i, n in enumerate(names)}), n_boot, level, seed
+    )
 
 
 def loss(method_sum: np.ndarray, reference_sum: np.ndarray) -> np.ndarray:
@@ -192,9 +229,16 @@ def differs_verdict(low: float, high: float, margin: float) -> str:
     return "does not hold" if equivalence_verdict(low, high, margin) == "holds" else "inconclusive"
 
 
-def temperature_claims(blocks: pd.DataFrame, low: Sequence[float], high: Sequence[float],
-                       mid: Sequence[float] = (0.5, 0.8), margin: float = 0.02, n_boot: int = 1000,
-                       level: float = 0.95, seed: int = 0) -> pd.DataFrame:
+def temperature_claims(
+    blocks: pd.DataFrame,
+    low: Sequence[float],
+    high: Sequence[float],
+    mid: Sequence[float] = (0.5, 0.8),
+    margin: float = 0.02,
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> pd.DataFrame:
     """Claims C2 and C3 (both abstract versions) for one model and one view, from its block sums.
 
     ``blocks``: one model's rows of one view (``nominal`` or ``matched``), with columns
@@ -229,31 +273,87 @@ def temperature_claims(blocks: pd.DataFrame, low: Sequence[float], high: Sequenc
 
     def add(claim, version, subject, statistic, est_lo_hi, verdict, positive, negative):
         est, lo_ci, hi_ci = est_lo_hi
-        rows.append({"claim": claim, "version": version, "subject": subject, "statistic": statistic,
-                     "estimate": est, "ci_low": lo_ci, "ci_high": hi_ci, "verdict": verdict,
-                     "direction": positive if est > 0 else negative})
+        rows.append(
+            {
+                "claim": claim,
+                "version": version,
+                "subject": subject,
+                "statistic": statistic,
+                "estimate": est,
+                "ci_low": lo_ci,
+                "ci_high": hi_ci,
+                "verdict": verdict,
+                "direction": positive if est > 0 else negative,
+            }
+        )
 
     for fm in [f for f in ("nf4", "fp4") if f in set(fam.method)]:
-        ci = contrast_ci({**cols(fm, low, "low"), **cols(fm, high, "high")},
-                         lambda c: loss(c["m_low"], c["r_low"]) - loss(c["m_high"], c["r_high"]), n_boot, level, seed)
-        add("C3", "first", fm, "S = R(low) - R(high)", ci, sign_verdict(*ci[1:]),
-            "loses more at low T", "loses less at low T")
-        ci = contrast_ci({**cols(fm, mid, "mid"), **rest_cols(fm)},
-                         lambda c: loss(c["m_mid"], c["r_mid"]) - loss(c["m_rest"], c["r_rest"]), n_boot, level, seed)
-        add("C3", "later", fm, f"R(T in {list(mid)}) - R(other T)", ci, sign_verdict(*ci[1:]),
-            f"loses most in {list(mid)}", f"loses less in {list(mid)} than elsewhere")
+        ci = contrast_ci(
+            {**cols(fm, low, "low"), **cols(fm, high, "high")},
+            lambda c: loss(c["m_low"], c["r_low"]) - loss(c["m_high"], c["r_high"]),
+            n_boot,
+            level,
+            seed,
+        )
+        add(
+            "C3",
+            "first",
+            fm,
+            "S = R(low) - R(high)",
+            ci,
+            sign_verdict(*ci[1:]),
+            "loses more at low T",
+            "loses less at low T",
+        )
+        ci = contrast_ci(
+            {**cols(fm, mid, "mid"), **rest_cols(fm)},
+            lambda c: loss(c["m_mid"], c["r_mid"]) - loss(c["m_rest"], c["r_rest"]),
+            n_boot,
+            level,
+            seed,
+        )
+        add(
+            "C3",
+            "later",
+            fm,
+            f"R(T in {list(mid)}) - R(other T)",
+            ci,
+            sign_verdict(*ci[1:]),
+            f"loses most in {list(mid)}",
+            f"loses less in {list(mid)} than elsewhere",
+        )
     if {"nf4", "fp4"} <= set(fam.method):
-        both = {f"{fm}_{k}": v for fm in ("nf4", "fp4") for k, v in {**cols(fm, low, "low"), **cols(fm, high, "high")}.items()}
+        both = {
+            f"{fm}_{k}": v
+            for fm in ("nf4", "fp4")
+            for k, v in {**cols(fm, low, "low"), **cols(fm, high, "high")}.items()
+        }
 
         def gap(c, band):
             return loss(c[f"fp4_m_{band}"], c[f"fp4_r_{band}"]) - loss(c[f"nf4_m_{band}"], c[f"nf4_r_{band}"])
 
         ci = contrast_ci(both, lambda c: gap(c, "low") - gap(c, "high"), n_boot, level, seed)
-        add("C2", "first", "nf4 vs fp4", "D = [R_fp4 - R_nf4](low) - [R_fp4 - R_nf4](high)", ci,
-            differs_verdict(*ci[1:], margin), "fp4 falls behind nf4 more at low T", "fp4 falls behind nf4 more at high T")
+        add(
+            "C2",
+            "first",
+            "nf4 vs fp4",
+            "D = [R_fp4 - R_nf4](low) - [R_fp4 - R_nf4](high)",
+            ci,
+            differs_verdict(*ci[1:], margin),
+            "fp4 falls behind nf4 more at low T",
+            "fp4 falls behind nf4 more at high T",
+        )
         ci = contrast_ci(both, lambda c: gap(c, "low"), n_boot, level, seed)
-        add("C2", "later", "nf4 vs fp4", "R_fp4(low) - R_nf4(low)", ci, sign_verdict(*ci[1:]),
-            "nf4 more resilient at low T", "fp4 more resilient at low T")
+        add(
+            "C2",
+            "later",
+            "nf4 vs fp4",
+            "R_fp4(low) - R_nf4(low)",
+            ci,
+            sign_verdict(*ci[1:]),
+            "nf4 more resilient at low T",
+            "fp4 more resilient at low T",
+        )
     return pd.DataFrame(rows)
 
 
@@ -278,10 +378,19 @@ def loss_curve(blocks: pd.DataFrame, n_boot: int = 1000, level: float = 0.95, se
     rows = []
     for key, g in blocks.groupby(by):
         g = g.set_index(BLOCK_KEY)
-        est, lo, hi = contrast_ci({"m": g.p_true, "r": g.ref_p_true}, lambda c: loss(c["m"], c["r"]), n_boot, level,
-                                  seed)
-        rows.append({**dict(zip(by, key)), "Q": g.p_true.sum() / g.n.sum(), "Q_ref": g.ref_p_true.sum() / g.n.sum(),
-                     "R": est, "R_low": lo, "R_high": hi})
+        est, lo, hi = contrast_ci(
+            {"m": g.p_true, "r": g.ref_p_true}, lambda c: loss(c["m"], c["r"]), n_boot, level, seed
+        )
+        rows.append(
+            {
+                **dict(zip(by, key)),
+                "Q": g.p_true.sum() / g.n.sum(),
+                "Q_ref": g.ref_p_true.sum() / g.n.sum(),
+                "R": est,
+                "R_low": lo,
+                "R_high": hi,
+            }
+        )
     return pd.DataFrame(rows)
 
 

@@ -94,10 +94,16 @@ def window_indices(n_tokens: int, window: int, has_bos: bool) -> list[list[int]]
     if window < 2:
         raise ValueError(f"window must be at least 2 tokens, got {window}")
     if has_bos:
-        return [[0, *range(s, min(s + window - 1, n_tokens))] for s in range(1, n_tokens, window - 1)
-                if min(s + window - 1, n_tokens) > s]
-    return [list(range(s, min(s + window, n_tokens))) for s in range(0, n_tokens, window)
-            if min(s + window, n_tokens) - s >= 2]
+        return [
+            [0, *range(s, min(s + window - 1, n_tokens))]
+            for s in range(1, n_tokens, window - 1)
+            if min(s + window - 1, n_tokens) > s
+        ]
+    return [
+        list(range(s, min(s + window, n_tokens)))
+        for s in range(0, n_tokens, window)
+        if min(s + window, n_tokens) - s >= 2
+    ]
 
 
 @dataclass
@@ -186,8 +192,9 @@ def kl_from_reference(reference: torch.Tensor, logp: torch.Tensor, chunk: int = 
 
 
 @torch.inference_mode()
-def score(model, text: TokenizedText, reference: list[torch.Tensor] | None = None,
-          keep_logprobs: bool = False) -> Scores:
+def score(
+    model, text: TokenizedText, reference: list[torch.Tensor] | None = None, keep_logprobs: bool = False
+) -> Scores:
     """Score every window of ``text``; log-softmax in float32 whatever the model's dtype. The
     forward calls are timed (device synchronised on both sides), the scoring around them is not."""
     if reference is not None and len(reference) != len(text.windows):
@@ -209,13 +216,22 @@ def score(model, text: TokenizedText, reference: list[torch.Tensor] | None = Non
         if keep_logprobs:
             kept.append(logp.to(torch.float16))
         del logp
-    return Scores(torch.cat(nll).double().numpy(), torch.cat(kl).double().numpy() if kl else None,
-                  kept if keep_logprobs else None, seconds)
+    return Scores(
+        torch.cat(nll).double().numpy(),
+        torch.cat(kl).double().numpy() if kl else None,
+        kept if keep_logprobs else None,
+        seconds,
+    )
 
 
 # --------------------------------------------------------------------------- paired intervals
-def span_ci(columns: dict[str, np.ndarray], statistic: Callable[[dict[str, np.ndarray]], np.ndarray],
-            n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+def span_ci(
+    columns: dict[str, np.ndarray],
+    statistic: Callable[[dict[str, np.ndarray]], np.ndarray],
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float, float]:
     """``(estimate, low, high)`` of ``statistic`` of per-span sums, resampling spans (all columns
     of a span together: a paired bootstrap).
 
@@ -232,11 +248,15 @@ def bpb_ci(nll: np.ndarray, n_bytes: np.ndarray, **kw) -> tuple[float, float, fl
     return span_ci({"nll": nll, "bytes": n_bytes}, lambda c: c["nll"] / c["bytes"] / LN2, **kw)
 
 
-def bpb_difference_ci(nll_a: np.ndarray, bytes_a: np.ndarray, nll_b: np.ndarray, bytes_b: np.ndarray,
-                      **kw) -> tuple[float, float, float]:
+def bpb_difference_ci(
+    nll_a: np.ndarray, bytes_a: np.ndarray, nll_b: np.ndarray, bytes_b: np.ndarray, **kw
+) -> tuple[float, float, float]:
     """Bits per byte of A minus that of B on the same spans (negative: A is better), paired."""
-    return span_ci({"na": nll_a, "ba": bytes_a, "nb": nll_b, "bb": bytes_b},
-                   lambda c: (c["na"] / c["ba"] - c["nb"] / c["bb"]) / LN2, **kw)
+    return span_ci(
+        {"na": nll_a, "ba": bytes_a, "nb": nll_b, "bb": bytes_b},
+        lambda c: (c["na"] / c["ba"] - c["nb"] / c["bb"]) / LN2,
+        **kw,
+    )
 
 
 def perplexity_change_ci(nll_a: np.ndarray, nll_b: np.ndarray, tokens: np.ndarray, **kw) -> tuple[float, float, float]:
@@ -292,11 +312,31 @@ def equal_memory_pairs(table: pd.DataFrame, max_precision_bits: float = 16) -> p
     for L in t.itertuples():
         for S in t.itertuples():
             if L.params > S.params and L.precision_bits < S.precision_bits:
-                rows.append({"larger": L.model, "larger_family": L.family, "smaller": S.model,
-                             "smaller_family": S.family, "larger_bits": L.total_bits, "smaller_bits": S.total_bits,
-                             "memory_ratio": L.total_bits / S.total_bits, "eligible": L.total_bits <= S.total_bits})
-    return pd.DataFrame(rows, columns=["larger", "larger_family", "smaller", "smaller_family", "larger_bits",
-                                       "smaller_bits", "memory_ratio", "eligible"])
+                rows.append(
+                    {
+                        "larger": L.model,
+                        "larger_family": L.family,
+                        "smaller": S.model,
+                        "smaller_family": S.family,
+                        "larger_bits": L.total_bits,
+                        "smaller_bits": S.total_bits,
+                        "memory_ratio": L.total_bits / S.total_bits,
+                        "eligible": L.total_bits <= S.total_bits,
+                    }
+                )
+    return pd.DataFrame(
+        rows,
+        columns=[
+            "larger",
+            "larger_family",
+            "smaller",
+            "smaller_family",
+            "larger_bits",
+            "smaller_bits",
+            "memory_ratio",
+            "eligible",
+        ],
+    )
 
 
 def pair_outcome(low: float, high: float) -> str:
@@ -320,17 +360,24 @@ def equal_memory_verdict(pairs: pd.DataFrame, n_models: int = 2) -> tuple[str, s
     if n_models < 2:
         return "cannot be tested", "only one model"
     if pairs.empty:
-        return "cannot be tested at this scale", "no pair of a larger model at a lower precision and a smaller one at a higher"
+        return (
+            "cannot be tested at this scale",
+            "no pair of a larger model at a lower precision and a smaller one at a higher",
+        )
     eligible = pairs[pairs.eligible.astype(bool)]
     if eligible.empty:
         best = pairs.loc[pairs.memory_ratio.idxmin()]
-        return ("cannot be tested at this scale",
-                f"no pair at equal memory: the closest, {best.larger} {best.larger_family} vs {best.smaller} "
-                f"{best.smaller_family}, needs {best.memory_ratio:.2f}x the bits ({best.larger_bits / 1e6:.0f} vs "
-                f"{best.smaller_bits / 1e6:.0f} Mbit)")
+        return (
+            "cannot be tested at this scale",
+            f"no pair at equal memory: the closest, {best.larger} {best.larger_family} vs {best.smaller} "
+            f"{best.smaller_family}, needs {best.memory_ratio:.2f}x the bits ({best.larger_bits / 1e6:.0f} vs "
+            f"{best.smaller_bits / 1e6:.0f} Mbit)",
+        )
     outcomes = [pair_outcome(lo, hi) for lo, hi in zip(eligible.diff_low, eligible.diff_high)]
     n, k_large, k_small = len(outcomes), outcomes.count("larger better"), outcomes.count("smaller better")
-    verdict = ("holds" if k_large == n else "does not hold" if k_large == 0 and k_small > 0 else "inconclusive")
-    why = (f"{k_large} of {n} equal-memory pairs (one per precision family) favour the larger model, {k_small} the "
-           f"smaller, {n - k_large - k_small} not resolved by the 95% paired interval")
+    verdict = "holds" if k_large == n else "does not hold" if k_large == 0 and k_small > 0 else "inconclusive"
+    why = (
+        f"{k_large} of {n} equal-memory pairs (one per precision family) favour the larger model, {k_small} the "
+        f"smaller, {n - k_large - k_small} not resolved by the 95% paired interval"
+    )
     return verdict, why

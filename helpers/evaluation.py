@@ -53,7 +53,7 @@ def token_windows(ids: list[int], window: int, bos_id: int | None) -> list[list[
     step = window - 1 if has_bos else window
     windows = []
     for start in range(0, len(body), step):
-        chunk = body[start:start + step]
+        chunk = body[start : start + step]
         win = ([bos_id] if has_bos else []) + chunk
         if len(win) >= 2:
             windows.append(win)
@@ -86,8 +86,15 @@ class NonFiniteLogitsError(RuntimeError):
 
 
 @torch.inference_mode()
-def continuation(model, tokenizer, prompt: str, max_new_tokens: int = 30, temperature: float = 0.8,
-                 top_k: int | None = 50, seed: int = 0) -> str:
+def continuation(
+    model,
+    tokenizer,
+    prompt: str,
+    max_new_tokens: int = 30,
+    temperature: float = 0.8,
+    top_k: int | None = 50,
+    seed: int = 0,
+) -> str:
     """One sampled continuation of ``prompt``; ``temperature == 0`` means greedy.
 
     The same ``seed`` gives every method the same random stream, so side-by-side
@@ -102,10 +109,13 @@ def continuation(model, tokenizer, prompt: str, max_new_tokens: int = 30, temper
     if not torch.isfinite(model(**enc).logits[0, -1]).all():
         raise NonFiniteLogitsError("non-finite logits for the prompt (fp16 overflow?)")
     torch.manual_seed(seed)
-    sampling = dict(do_sample=True, temperature=temperature, top_k=top_k or 0) if temperature > 0 else dict(do_sample=False)
-    out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                         top_p=None, **sampling)
-    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    sampling = (
+        dict(do_sample=True, temperature=temperature, top_k=top_k or 0) if temperature > 0 else dict(do_sample=False)
+    )
+    out = model.generate(
+        **enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, top_p=None, **sampling
+    )
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def scored_bytes(tokenizer, text: str, max_tokens: int | None = None, window: int = 256) -> int:
@@ -117,5 +127,7 @@ def scored_bytes(tokenizer, text: str, max_tokens: int | None = None, window: in
     ids = tokenizer(text)["input_ids"]
     if max_tokens is not None:
         ids = ids[:max_tokens]
-    return sum(len(tokenizer.decode(win[1:], skip_special_tokens=True).encode("utf-8"))
-               for win in token_windows(ids, window, tokenizer.bos_token_id))
+    return sum(
+        len(tokenizer.decode(win[1:], skip_special_tokens=True).encode("utf-8"))
+        for win in token_windows(ids, window, tokenizer.bos_token_id)
+    )

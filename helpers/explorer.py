@@ -36,8 +36,17 @@ from .provenance import package_versions
 from .sweep import last_token_logits
 
 #: Columns of :func:`view`, one row per (method, shown token).
-VIEW_COLUMNS = ("method", "rank", "token_id", "token", "probability", "reference_probability", "entropy",
-                "tv_from_reference", "kept_tokens")
+VIEW_COLUMNS = (
+    "method",
+    "rank",
+    "token_id",
+    "token",
+    "probability",
+    "reference_probability",
+    "entropy",
+    "tv_from_reference",
+    "kept_tokens",
+)
 
 
 # --------------------------------------------------------------------------- measures
@@ -80,8 +89,14 @@ def label_tokens(tokenizer: Any, token_ids: Sequence[int]) -> list[str]:
 
 
 # --------------------------------------------------------------------------- the view
-def view(logits_by_method: Mapping[str, torch.Tensor], tokenizer: Any, temperature: float, top_k: int = 0,
-         n_top: int = 10, reference: str = "fp32") -> pd.DataFrame:
+def view(
+    logits_by_method: Mapping[str, torch.Tensor],
+    tokenizer: Any,
+    temperature: float,
+    top_k: int = 0,
+    n_top: int = 10,
+    reference: str = "fp32",
+) -> pd.DataFrame:
     """Every method's next-token distribution at (``temperature``, ``top_k``), as a table.
 
     ``logits_by_method`` maps a method name to its last-position logits (a ``[V]`` vector); all
@@ -109,10 +124,19 @@ def view(logits_by_method: Mapping[str, torch.Tensor], tokenizer: Any, temperatu
         h = entropy(p)
         tv = total_variation(p, ref) if ref is not None else float("nan")
         for rank, (tid, label) in enumerate(zip(shown, label_tokens(tokenizer, shown)), start=1):
-            rows.append({"method": method, "rank": rank, "token_id": tid, "token": label,
-                         "probability": float(p[tid]),
-                         "reference_probability": float(ref[tid]) if ref is not None else float("nan"),
-                         "entropy": h, "tv_from_reference": tv, "kept_tokens": kept})
+            rows.append(
+                {
+                    "method": method,
+                    "rank": rank,
+                    "token_id": tid,
+                    "token": label,
+                    "probability": float(p[tid]),
+                    "reference_probability": float(ref[tid]) if ref is not None else float("nan"),
+                    "entropy": h,
+                    "tv_from_reference": tv,
+                    "kept_tokens": kept,
+                }
+            )
     return pd.DataFrame(rows, columns=list(VIEW_COLUMNS))
 
 
@@ -130,13 +154,21 @@ def summary(table: pd.DataFrame) -> pd.DataFrame:
     """One row per method of a :func:`view` table: entropy, TV from the reference, the top token
     and its probability, and how many tokens keep non-zero probability."""
     first = table[table["rank"] == 1].set_index("method", drop=False)
-    return pd.DataFrame({"method": first.method, "entropy": first.entropy, "tv_from_reference": first.tv_from_reference,
-                         "top_token": first.token, "top_probability": first.probability,
-                         "kept_tokens": first.kept_tokens}).reset_index(drop=True)
+    return pd.DataFrame(
+        {
+            "method": first.method,
+            "entropy": first.entropy,
+            "tv_from_reference": first.tv_from_reference,
+            "top_token": first.token,
+            "top_probability": first.probability,
+            "kept_tokens": first.kept_tokens,
+        }
+    ).reset_index(drop=True)
 
 
-def over_prompts(logits_by_method: Mapping[str, torch.Tensor], temperatures: Sequence[float], top_k: int = 0,
-                 reference: str = "fp32") -> pd.DataFrame:
+def over_prompts(
+    logits_by_method: Mapping[str, torch.Tensor], temperatures: Sequence[float], top_k: int = 0, reference: str = "fp32"
+) -> pd.DataFrame:
     """Mean total variation from the reference, entropy and top-1 agreement over many prompts.
 
     ``logits_by_method`` maps a method to ``[P, V]`` logits (one row per prompt, the same
@@ -153,10 +185,20 @@ def over_prompts(logits_by_method: Mapping[str, torch.Tensor], temperatures: Seq
     for method, x in logits_by_method.items():
         m = pd.DataFrame(sampling.next_token_measures(ref, x, list(temperatures), [top_k]))
         for T, g in m.groupby("temperature", sort=False):
-            rows.append({"method": method, "temperature": T, "top_k": top_k, "prompts": len(g),
-                         "mean_tv": g.tv.mean(), "max_tv": g.tv.max(), "mean_entropy": g.entropy.mean(),
-                         "top1_agree": g.top1_agree.mean(), "mean_tv_top1_same": g.tv[g.top1_agree].mean(),
-                         "mean_tv_top1_differs": g.tv[~g.top1_agree].mean()})
+            rows.append(
+                {
+                    "method": method,
+                    "temperature": T,
+                    "top_k": top_k,
+                    "prompts": len(g),
+                    "mean_tv": g.tv.mean(),
+                    "max_tv": g.tv.max(),
+                    "mean_entropy": g.entropy.mean(),
+                    "top1_agree": g.top1_agree.mean(),
+                    "mean_tv_top1_same": g.tv[g.top1_agree].mean(),
+                    "mean_tv_top1_differs": g.tv[~g.top1_agree].mean(),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -223,8 +265,13 @@ class LogitCache:
                 tmp = path.with_suffix(".tmp")
                 torch.save({"texts": texts, "logits": torch.stack([store[t] for t in texts])}, tmp)
                 tmp.replace(path)
-        return {"model": model, "prompts": len(prompts), "computed": computed, "read": read,
-                "seconds": time.perf_counter() - start}
+        return {
+            "model": model,
+            "prompts": len(prompts),
+            "computed": computed,
+            "read": read,
+            "seconds": time.perf_counter() - start,
+        }
 
     def _model(self, model: str, method: str, keep: bool = False) -> tuple[Any, Any]:
         if (model, method) in self._loaded:
@@ -257,8 +304,12 @@ class LogitCache:
 
 
 # --------------------------------------------------------------------------- figures and HTML
-def plot_views(views: Sequence[tuple[str, pd.DataFrame]], colors: Mapping[str, str] | None = None,
-               reference: str = "fp32", title: str = ""):
+def plot_views(
+    views: Sequence[tuple[str, pd.DataFrame]],
+    colors: Mapping[str, str] | None = None,
+    reference: str = "fp32",
+    title: str = "",
+):
     """One row of panels per ``(row label, view table)``, one panel per method: horizontal bars of
     the method's top tokens labelled with their probabilities, a black tick at the reference's
     probability of the same token, and the share of probability the shown tokens hold.
@@ -273,8 +324,9 @@ def plot_views(views: Sequence[tuple[str, pd.DataFrame]], colors: Mapping[str, s
     colors = dict(registry.METHOD_COLORS if colors is None else colors)
     methods = list(dict.fromkeys(views[0][1].method))
     n_top = int(max(t["rank"].max() for _, t in views))
-    fig, axes = plt.subplots(len(views), len(methods), figsize=(3.8 * len(methods), (0.34 * n_top + 1.7) * len(views)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(views), len(methods), figsize=(3.8 * len(methods), (0.34 * n_top + 1.7) * len(views)), squeeze=False
+    )
     tick = dict(linestyle="none", marker="|", markersize=12, markeredgewidth=2, color="black")
     for row, (label, table) in enumerate(views):
         top = float(np.nanmax(table[["probability", "reference_probability"]].to_numpy()))
@@ -301,14 +353,24 @@ def plot_views(views: Sequence[tuple[str, pd.DataFrame]], colors: Mapping[str, s
             ax.tick_params(axis="x", labelsize=8)
             first = t.iloc[0]
             measure = "" if method == reference else f" · TV from {reference} {first.tv_from_reference:.3f}"
-            ax.set_title(f"{method} · {label}\nentropy {first.entropy:.2f} nats{measure}\n"
-                         f"the {len(t)} tokens shown hold {t.probability.sum():.0%}", fontsize=9)
+            ax.set_title(
+                f"{method} · {label}\nentropy {first.entropy:.2f} nats{measure}\n"
+                f"the {len(t)} tokens shown hold {t.probability.sum():.0%}",
+                fontsize=9,
+            )
         axes[row, 0].set_ylabel(f"{label}: top tokens, most probable first", fontsize=9)
     handles = [Patch(color=colors.get(m, "C0"), label=m) for m in methods]
     handles.append(Line2D([], [], label=f"{reference}'s probability of the same token", **tick))
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False,
-               title="bars: each method's probability of its own top tokens (quoted as decoded, spaces visible)",
-               title_fontsize=8, bbox_to_anchor=(0.5, 0.0))
+    fig.legend(
+        handles=handles,
+        loc="lower center",
+        ncol=len(handles),
+        fontsize=8,
+        frameon=False,
+        title="bars: each method's probability of its own top tokens (quoted as decoded, spaces visible)",
+        title_fontsize=8,
+        bbox_to_anchor=(0.5, 0.0),
+    )
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
@@ -323,9 +385,11 @@ def render_html(table: pd.DataFrame, colors: Mapping[str, str] | None = None, re
     for method, t in table.groupby("method", sort=False):
         first = t.iloc[0]
         measure = "" if method == reference else f" · TV from {html.escape(reference)} {first.tv_from_reference:.3f}"
-        lines = [f"<div style='min-width:230px;margin-right:18px'><b>{html.escape(method)}</b><br>"
-                 f"<small>entropy {first.entropy:.2f} nats{measure} · {int(first.kept_tokens)} tokens kept</small>"
-                 "<table style='border-collapse:collapse;font-size:12px'>"]
+        lines = [
+            f"<div style='min-width:230px;margin-right:18px'><b>{html.escape(method)}</b><br>"
+            f"<small>entropy {first.entropy:.2f} nats{measure} · {int(first.kept_tokens)} tokens kept</small>"
+            "<table style='border-collapse:collapse;font-size:12px'>"
+        ]
         for r in t.itertuples():
             ref = "" if method == reference or np.isnan(r.reference_probability) else f"{r.reference_probability:.1%}"
             lines.append(
@@ -333,17 +397,24 @@ def render_html(table: pd.DataFrame, colors: Mapping[str, str] | None = None, re
                 f"<td style='width:110px'><div style='background:{colors.get(method, '#1f77b4')};height:10px;"
                 f"width:{100 * r.probability:.1f}%'></div></td>"
                 f"<td style='text-align:right;padding-left:4px'>{r.probability:.1%}</td>"
-                f"<td style='text-align:right;padding-left:6px;color:#777'>{ref}</td></tr>")
+                f"<td style='text-align:right;padding-left:6px;color:#777'>{ref}</td></tr>"
+            )
         lines.append("</table></div>")
         panels.append("".join(lines))
-    note = (f"<small style='color:#777'>grey numbers: {html.escape(reference)}'s probability of the same token"
-            "</small>")
+    note = f"<small style='color:#777'>grey numbers: {html.escape(reference)}'s probability of the same token</small>"
     return f"<div style='display:flex;flex-wrap:wrap'>{''.join(panels)}</div>{note}"
 
 
 # --------------------------------------------------------------------------- the widget
-def build_widget(cache: LogitCache, models: Sequence[str], prompts: pd.DataFrame, temperature: float = 1.0,
-                 top_k: int = 0, n_top: int = 10, reference: str = "fp32"):
+def build_widget(
+    cache: LogitCache,
+    models: Sequence[str],
+    prompts: pd.DataFrame,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    n_top: int = 10,
+    reference: str = "fp32",
+):
     """The explorer's controls: model and prompt pickers, a text box for a prompt of one's own,
     temperature, top-k and shown-token sliders, and the :func:`render_html` display.
 
@@ -358,12 +429,13 @@ def build_widget(cache: LogitCache, models: Sequence[str], prompts: pd.DataFrame
 
     options = [(f"{r.id}: {r.prompt}", r.prompt) for r in prompts.itertuples()]
     model_box = w.Dropdown(options=list(models), value=models[0], description="model")
-    prompt_box = w.Dropdown(options=options, value=options[0][1], description="prompt",
-                            layout=w.Layout(width="520px"))
-    own = w.Text(placeholder="or type a prompt and press Enter", continuous_update=False,
-                 layout=w.Layout(width="520px"))
-    t_slider = w.FloatSlider(value=temperature, min=0.0, max=2.0, step=0.05, description="temperature",
-                             readout_format=".2f")
+    prompt_box = w.Dropdown(options=options, value=options[0][1], description="prompt", layout=w.Layout(width="520px"))
+    own = w.Text(
+        placeholder="or type a prompt and press Enter", continuous_update=False, layout=w.Layout(width="520px")
+    )
+    t_slider = w.FloatSlider(
+        value=temperature, min=0.0, max=2.0, step=0.05, description="temperature", readout_format=".2f"
+    )
     k_slider = w.IntSlider(value=top_k, min=0, max=100, step=1, description="top-k (0 off)")
     n_slider = w.IntSlider(value=n_top, min=1, max=20, step=1, description="tokens shown")
     status = w.HTML()
@@ -372,8 +444,9 @@ def build_widget(cache: LogitCache, models: Sequence[str], prompts: pd.DataFrame
     def redraw(*_):
         try:
             logits = cache.logits(model_box.value, prompt_box.value)
-            table = view(logits, cache.tokenizer(model_box.value), t_slider.value, k_slider.value, n_slider.value,
-                         reference)
+            table = view(
+                logits, cache.tokenizer(model_box.value), t_slider.value, k_slider.value, n_slider.value, reference
+            )
             display.value = render_html(table, reference=reference)
             status.value = "T = 0 is greedy" if t_slider.value == 0 else ""
         except Exception as err:  # shown in the widget, not raised into the event loop
@@ -401,4 +474,3 @@ def build_widget(cache: LogitCache, models: Sequence[str], prompts: pd.DataFrame
     redraw()
     controls = w.VBox([w.HBox([model_box, prompt_box]), own, w.HBox([t_slider, k_slider, n_slider]), status])
     return w.VBox([controls, display]), ""
-

@@ -80,26 +80,55 @@ METHODS: dict[str, Method] = {
         Method("fp32", "float", "float32 weights (reference)", dtype="float32", nominal_bits=32),
         Method("bf16", "float", "bfloat16 weights", dtype="bfloat16", nominal_bits=16),
         Method("fp16", "float", "float16 weights", dtype="float16", nominal_bits=16),
-        Method("int8", "int8", "LLM.int8(): int8 vector-wise + fp16 outlier decomposition at |x|>=6",
-               int8_threshold=6.0, nominal_bits=8),
-        Method("int8-noout", "int8", "int8 vector-wise, no outlier decomposition (threshold 0)",
-               int8_threshold=0.0, nominal_bits=8),
-        Method("nf4", "4bit", "4-bit NormalFloat, fp32 absmax per 64", quant_type="nf4",
-               nominal_bits=_bits_4bit(False)),
-        Method("nf4-dq", "4bit", "nf4 + double quantization of the absmax", quant_type="nf4",
-               double_quant=True, nominal_bits=_bits_4bit(True)),
-        Method("fp4", "4bit", "4-bit float E2M1, fp32 absmax per 64", quant_type="fp4",
-               nominal_bits=_bits_4bit(False)),
-        Method("fp4-dq", "4bit", "fp4 + double quantization of the absmax", quant_type="fp4",
-               double_quant=True, nominal_bits=_bits_4bit(True)),
+        Method(
+            "int8",
+            "int8",
+            "LLM.int8(): int8 vector-wise + fp16 outlier decomposition at |x|>=6",
+            int8_threshold=6.0,
+            nominal_bits=8,
+        ),
+        Method(
+            "int8-noout",
+            "int8",
+            "int8 vector-wise, no outlier decomposition (threshold 0)",
+            int8_threshold=0.0,
+            nominal_bits=8,
+        ),
+        Method(
+            "nf4", "4bit", "4-bit NormalFloat, fp32 absmax per 64", quant_type="nf4", nominal_bits=_bits_4bit(False)
+        ),
+        Method(
+            "nf4-dq",
+            "4bit",
+            "nf4 + double quantization of the absmax",
+            quant_type="nf4",
+            double_quant=True,
+            nominal_bits=_bits_4bit(True),
+        ),
+        Method("fp4", "4bit", "4-bit float E2M1, fp32 absmax per 64", quant_type="fp4", nominal_bits=_bits_4bit(False)),
+        Method(
+            "fp4-dq",
+            "4bit",
+            "fp4 + double quantization of the absmax",
+            quant_type="fp4",
+            double_quant=True,
+            nominal_bits=_bits_4bit(True),
+        ),
     ]
 }
 
 #: One colour per method for every figure: quantized variants of one format share a hue, the
 #: double-quantized (or no-outlier) twin is its lighter shade.
 METHOD_COLORS: dict[str, str] = {
-    "fp32": "#222222", "bf16": "#9467bd", "fp16": "#8c564b", "int8": "#2ca02c", "int8-noout": "#98df8a",
-    "nf4": "#1f77b4", "nf4-dq": "#7fb2de", "fp4": "#d62728", "fp4-dq": "#f4a09c",
+    "fp32": "#222222",
+    "bf16": "#9467bd",
+    "fp16": "#8c564b",
+    "int8": "#2ca02c",
+    "int8-noout": "#98df8a",
+    "nf4": "#1f77b4",
+    "nf4-dq": "#7fb2de",
+    "fp4": "#d62728",
+    "fp4-dq": "#f4a09c",
 }
 
 #: The methods of the paper, in the order figures use.
@@ -123,8 +152,13 @@ def validate_methods(names: list[str] | tuple[str, ...]) -> list[Method]:
     return [get_method(n) for n in names]
 
 
-def check_parameters(models: Iterable[str] | None = None, methods: Iterable[str] | None = None,
-                     device: str | None = None, *, timeout_s: float = 5.0) -> None:
+def check_parameters(
+    models: Iterable[str] | None = None,
+    methods: Iterable[str] | None = None,
+    device: str | None = None,
+    *,
+    timeout_s: float = 5.0,
+) -> None:
     """Check a run's models, methods and device in seconds, before any model is loaded.
 
     Models go through :func:`helpers.models.check_available` (embedded, local folder, or Hub id
@@ -163,8 +197,11 @@ def quantization_config(method: Method, compute: torch.dtype, offload_unquantize
     from transformers import BitsAndBytesConfig
 
     if method.kind == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=method.int8_threshold,
-                                  llm_int8_enable_fp32_cpu_offload=offload_unquantized)
+        return BitsAndBytesConfig(
+            load_in_8bit=True,
+            llm_int8_threshold=method.int8_threshold,
+            llm_int8_enable_fp32_cpu_offload=offload_unquantized,
+        )
     if method.kind == "4bit":
         return BitsAndBytesConfig(
             load_in_4bit=True,
@@ -200,10 +237,18 @@ DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 DeviceMap = str | dict[str, int | str]
 
 
-def load(model: str, method: str, device: str = "cpu", compute_dtype: str = "auto",
-         int8_threshold: float | None = None, *, device_map: DeviceMap | None = None,
-         max_memory: dict[int | str, int | str] | None = None,
-         offload_folder: str | os.PathLike[str] | None = None, offload_unquantized: bool = False):
+def load(
+    model: str,
+    method: str,
+    device: str = "cpu",
+    compute_dtype: str = "auto",
+    int8_threshold: float | None = None,
+    *,
+    device_map: DeviceMap | None = None,
+    max_memory: dict[int | str, int | str] | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
+    offload_unquantized: bool = False,
+):
     """Load ``model`` quantized with ``method`` on ``device``; return ``(model, tokenizer)``.
 
     ``model`` is an embedded name, a local folder or a Hub id (see :func:`helpers.models.resolve`).
@@ -236,7 +281,9 @@ def load(model: str, method: str, device: str = "cpu", compute_dtype: str = "aut
     spec = get_method(method)
     if int8_threshold is not None:
         if spec.kind != "int8" or not int8_threshold >= 0:
-            raise ValueError(f"int8_threshold needs an int8 method and a value >= 0, got {method!r}, {int8_threshold!r}")
+            raise ValueError(
+                f"int8_threshold needs an int8 method and a value >= 0, got {method!r}, {int8_threshold!r}"
+            )
         spec = replace(spec, int8_threshold=float(int8_threshold))
     device = resolve_device(device)
     dtype = compute_dtype_for(spec, device, compute_dtype)
@@ -261,14 +308,24 @@ def load(model: str, method: str, device: str = "cpu", compute_dtype: str = "aut
 
 def _offload_message(method: str, device: str) -> str:
     if device == "cpu":
-        return (f"{method} cannot be offloaded to disk on CPU: bitsandbytes quantizes only modules in memory; "
-                "give max_memory['cpu'] room for the whole model, or use a float method")
-    return (f"{method} with modules offloaded to cpu or disk: bitsandbytes cannot quantize those; give the GPUs "
-            "more max_memory, or pass offload_unquantized=True to load the offloaded modules unquantized")
+        return (
+            f"{method} cannot be offloaded to disk on CPU: bitsandbytes quantizes only modules in memory; "
+            "give max_memory['cpu'] room for the whole model, or use a float method"
+        )
+    return (
+        f"{method} with modules offloaded to cpu or disk: bitsandbytes cannot quantize those; give the GPUs "
+        "more max_memory, or pass offload_unquantized=True to load the offloaded modules unquantized"
+    )
 
 
-def _placement(spec: Method, device: str, device_map: DeviceMap | None, max_memory: dict | None,
-               offload_folder: str | os.PathLike[str] | None, offload_unquantized: bool) -> dict:
+def _placement(
+    spec: Method,
+    device: str,
+    device_map: DeviceMap | None,
+    max_memory: dict | None,
+    offload_folder: str | os.PathLike[str] | None,
+    offload_unquantized: bool,
+) -> dict:
     """``from_pretrained`` keywords that place the model (see :func:`load`); bad combinations fail here."""
     if device_map is None:
         if max_memory is not None or offload_folder is not None or offload_unquantized:

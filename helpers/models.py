@@ -43,9 +43,12 @@ import warnings
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Iterable, Literal
+from typing import TYPE_CHECKING, Callable, Iterable, Literal
 
 from . import REPO_ROOT
+
+if TYPE_CHECKING:
+    import torch
 
 MANIFEST = "manifest.json"
 
@@ -84,7 +87,9 @@ def _locate_gemma3(scratch: Path) -> Path:
         # joins the four chunk packages and checks the sha256 of the result
         return Path(pkg.assemble(scratch / pkg.MODEL_NAME))
     except (FileNotFoundError, ImportError) as err:
-        raise ModelFileError(f"gemma3-270m: a GGUF chunk package is missing ({err}). {_missing_package_message('gemma3-270m')}") from err
+        raise ModelFileError(
+            f"gemma3-270m: a GGUF chunk package is missing ({err}). {_missing_package_message('gemma3-270m')}"
+        ) from err
 
 
 EMBEDDED: dict[str, EmbeddedModel] = {
@@ -271,8 +276,10 @@ def embedded(name: str) -> EmbeddedModel:
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_NOT_A_MODEL = ("model {name!r} is neither an embedded model ({embedded}), a local folder with config.json, "
-                "nor a Hugging Face Hub id (owner/name)")
+_NOT_A_MODEL = (
+    "model {name!r} is neither an embedded model ({embedded}), a local folder with config.json, "
+    "nor a Hugging Face Hub id (owner/name)"
+)
 
 
 def model_kind(name: str) -> Literal["embedded", "folder", "hub"]:
@@ -351,8 +358,10 @@ def _check_embedded(name: str) -> None:
     folder = models_dir() / name
     if folder.exists():
         if not (folder / MANIFEST).exists():
-            raise ModelUnavailableError(f"{folder} is not a prepared model (no {MANIFEST}): "
-                                        f"run `python -m helpers.models prepare --force {name}`")
+            raise ModelUnavailableError(
+                f"{folder} is not a prepared model (no {MANIFEST}): "
+                f"run `python -m helpers.models prepare --force {name}`"
+            )
         return
     for requirement in EMBEDDED[name].packages:
         try:
@@ -383,8 +392,10 @@ def _in_hub_cache(repo_id: str) -> bool:
 
 def _offline_advice(repo_id: str) -> str:
     then = "" if hub_offline() else " and set HF_HUB_OFFLINE=1 here"
-    return (f"to use it without network, run `hf download {repo_id}` on a machine with internet, copy its cache to "
-            f"{hub_cache_dir()}{then}, or give a local folder with config.json (`hf download {repo_id} --local-dir FOLDER`)")
+    return (
+        f"to use it without network, run `hf download {repo_id}` on a machine with internet, copy its cache to "
+        f"{hub_cache_dir()}{then}, or give a local folder with config.json (`hf download {repo_id} --local-dir FOLDER`)"
+    )
 
 
 def _probe_hub(repo_id: str, timeout_s: float) -> tuple[str, str]:
@@ -428,28 +439,36 @@ def _check_hub(repo_id: str, timeout_s: float, hub_down: str | None) -> str | No
     if hub_offline():
         if not cached:
             raise ModelUnavailableError(
-                f"model {repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: " + _offline_advice(repo_id))
+                f"model {repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
+                + _offline_advice(repo_id)
+            )
         return hub_down
     status, detail = ("unreachable", hub_down) if hub_down else _probe_hub(repo_id, timeout_s)
     if status == "unreachable":
         if not cached:
             raise ModelUnavailableError(
                 f"model {repo_id!r}: the Hugging Face Hub cannot be reached ({detail}) and the model is not in the "
-                "local cache: " + _offline_advice(repo_id))
-        warnings.warn(f"the Hugging Face Hub cannot be reached ({detail}); {repo_id} is in the local cache: "
-                      "set HF_HUB_OFFLINE=1 so that loading it does not first spend ~45 s on retries", stacklevel=3)
+                "local cache: " + _offline_advice(repo_id)
+            )
+        warnings.warn(
+            f"the Hugging Face Hub cannot be reached ({detail}); {repo_id} is in the local cache: "
+            "set HF_HUB_OFFLINE=1 so that loading it does not first spend ~45 s on retries",
+            stacklevel=3,
+        )
         return detail
     if status == "ok" or cached:  # cached: e.g. a gated model downloaded earlier with a token not set now
         return None
     if status == "gated":
         raise ModelUnavailableError(
             f"model {repo_id!r} is gated on the Hub: accept its licence at https://huggingface.co/{repo_id} "
-            "and log in with `hf auth login` (or set HF_TOKEN), or give a local folder with config.json")
+            "and log in with `hf auth login` (or set HF_TOKEN), or give a local folder with config.json"
+        )
     if status == "no-config":
         raise ModelUnavailableError(f"Hub repository {repo_id!r} has no config.json: it is not a transformers model")
     raise ModelUnavailableError(
         f"model {repo_id!r} does not exist on the Hugging Face Hub (or is private: log in with `hf auth login`); "
-        "check the spelling, or give a local folder with config.json")
+        "check the spelling, or give a local folder with config.json"
+    )
 
 
 def _read_gguf_types(path: Path) -> dict[str, str]:
@@ -476,8 +495,11 @@ def gguf_tensor_types(name: str) -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m helpers.models", description=__doc__.split("\n\n")[0])
-    parser.add_argument("action", choices=["prepare", "verify", "list", "check"],
-                        help="check: whether models (also folders and Hub ids) can be loaded now, see check_available")
+    parser.add_argument(
+        "action",
+        choices=["prepare", "verify", "list", "check"],
+        help="check: whether models (also folders and Hub ids) can be loaded now, see check_available",
+    )
     parser.add_argument("names", nargs="*", help=f"embedded models (default: all of {', '.join(EMBEDDED)})")
     parser.add_argument("--force", action="store_true", help="rebuild even if a folder exists")
     args = parser.parse_args(argv)

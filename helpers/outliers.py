@@ -74,8 +74,13 @@ class ActivationRecorder:
     Use as a context manager; the hooks are removed on exit.
     """
 
-    def __init__(self, model: torch.nn.Module, thresholds: list[float], histogram_edges: np.ndarray | None = None,
-                 relative: tuple[float, ...] = (RELATIVE_C,)):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        thresholds: list[float],
+        histogram_edges: np.ndarray | None = None,
+        relative: tuple[float, ...] = (RELATIVE_C,),
+    ):
         self.model = model
         self.thresholds = sorted(float(t) for t in thresholds)
         self.relative = sorted(float(c) for c in relative)
@@ -121,6 +126,7 @@ class ActivationRecorder:
                 s.relative_hits[c] = ge if c not in s.relative_hits else s.relative_hits[c] + ge
             if self.histogram is not None:
                 self.histogram += np.histogram(col_max.numpy(), bins=self.edges)[0]
+
         return hook
 
     def layer_table(self) -> pd.DataFrame:
@@ -129,14 +135,25 @@ class ActivationRecorder:
         for s in self.stats.values():
             for t in self.thresholds:
                 cols = s.call_outlier_cols.get(t, [])
-                rows.append({"layer": s.name, "block": s.block, "role": s.role, "hidden_input": s.role in HIDDEN_INPUT,
-                             "dims": s.dims, "positions": s.positions, "threshold": t,
-                             "max_abs": float(s.max_abs.max()) if s.max_abs is not None else float("nan"),
-                             "median_abs": s.median_abs,
-                             "cols_16bit_share": float(np.mean(cols)) / s.dims if cols else float("nan")})
+                rows.append(
+                    {
+                        "layer": s.name,
+                        "block": s.block,
+                        "role": s.role,
+                        "hidden_input": s.role in HIDDEN_INPUT,
+                        "dims": s.dims,
+                        "positions": s.positions,
+                        "threshold": t,
+                        "max_abs": float(s.max_abs.max()) if s.max_abs is not None else float("nan"),
+                        "median_abs": s.median_abs,
+                        "cols_16bit_share": float(np.mean(cols)) / s.dims if cols else float("nan"),
+                    }
+                )
         return pd.DataFrame(rows)
 
-    def hit_share(self, threshold: float, hidden_only: bool = True, relative: bool = False) -> tuple[list[str], np.ndarray]:
+    def hit_share(
+        self, threshold: float, hidden_only: bool = True, relative: bool = False
+    ) -> tuple[list[str], np.ndarray]:
         """``(layer names, [layers, dims] share of positions with |x| >= threshold)``; with
         ``relative=True``, ``threshold`` is a recorded ``c`` and the test is ``|x| >= c * m``."""
         t = float(threshold)
@@ -147,7 +164,9 @@ class ActivationRecorder:
         dims = {s.dims for s in chosen}
         if len(dims) != 1:
             raise ValueError(f"layers of different input widths {sorted(dims)}: pass hidden_only=True")
-        hits = [(s.relative_hits if relative else s.hits).get(t, torch.zeros(s.dims)) for s in chosen]  # 0: never called
+        hits = [
+            (s.relative_hits if relative else s.hits).get(t, torch.zeros(s.dims)) for s in chosen
+        ]  # 0: never called
         return [s.name for s in chosen], np.stack([(h / max(s.positions, 1)).numpy() for s, h in zip(chosen, hits)])
 
     def largest(self) -> dict[str, object]:
@@ -160,8 +179,14 @@ class ActivationRecorder:
                 continue
             s = max(chosen, key=lambda s: float(s.max_abs.max()))
             peak = float(s.max_abs.max())
-            out.update({f"max_abs_{tag}": peak, f"max_abs_{tag}_layer": s.name, f"max_abs_{tag}_role": s.role,
-                        f"max_abs_{tag}_over_median": peak / s.median_abs if s.median_abs > 0 else float("inf")})
+            out.update(
+                {
+                    f"max_abs_{tag}": peak,
+                    f"max_abs_{tag}_layer": s.name,
+                    f"max_abs_{tag}_role": s.role,
+                    f"max_abs_{tag}_over_median": peak / s.median_abs if s.median_abs > 0 else float("inf"),
+                }
+            )
         return out
 
 

@@ -228,8 +228,9 @@ def trace_block(block: torch.Tensor, code: torch.Tensor) -> BlockTrace:
     return BlockTrace(w, absmax, scaled, index, values[index], values[index] * absmax)
 
 
-def double_quant_absmax(weight: torch.Tensor, quant_type: str = "nf4",
-                        blocksize: int = BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor]:
+def double_quant_absmax(
+    weight: torch.Tensor, quant_type: str = "nf4", blocksize: int = BLOCKSIZE
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Each block's absmax as bitsandbytes stores it without double quantization (fp32, exact)
     and with it (the layer's mean absmax ``offset`` subtracted, then an 8-bit dynamic code with one
     fp32 scale per ``NESTED_BLOCKSIZE`` blocks), both as fp32 values. Their ratio is how much double quantization moves a scale."""
@@ -270,11 +271,16 @@ def error_by_position(position: np.ndarray, error: np.ndarray, bins: np.ndarray)
     idx = np.clip(np.digitize(pos, bins) - 1, 0, nb - 1)
     count = np.bincount(idx, minlength=nb)
     abs_sum = np.bincount(idx, np.abs(err), nb)
-    sq_sum = np.bincount(idx, err ** 2, nb)
+    sq_sum = np.bincount(idx, err**2, nb)
     total = sq_sum.sum()
-    return pd.DataFrame({"bin_center": (bins[:-1] + bins[1:]) / 2, "count": count,
-                         "mean_abs_error": np.where(count > 0, abs_sum / np.maximum(count, 1), np.nan),
-                         "share_of_squared_error": sq_sum / total if total > 0 else np.zeros(nb)})
+    return pd.DataFrame(
+        {
+            "bin_center": (bins[:-1] + bins[1:]) / 2,
+            "count": count,
+            "mean_abs_error": np.where(count > 0, abs_sum / np.maximum(count, 1), np.nan),
+            "share_of_squared_error": sq_sum / total if total > 0 else np.zeros(nb),
+        }
+    )
 
 
 def block_absmax(weight: torch.Tensor, blocksize: int = BLOCKSIZE) -> torch.Tensor:
@@ -339,7 +345,9 @@ def dequantized_linears(model: torch.nn.Module) -> Iterator[tuple[str, torch.Ten
         if isinstance(module, bnb.nn.Linear4bit):
             state = module.weight.quant_state
             if getattr(state, "packing_format_for_cpu", False):
-                raise ValueError(f"{name}: 4-bit weights were repacked for the CPU kernel; dequantize before the first forward")
+                raise ValueError(
+                    f"{name}: 4-bit weights were repacked for the CPU kernel; dequantize before the first forward"
+                )
             yield name, F.dequantize_4bit(module.weight.data, state).float().cpu()
         elif isinstance(module, bnb.nn.Linear8bitLt):
             w = module.weight
@@ -352,8 +360,12 @@ def cpu_fused_4bit(model: torch.nn.Module) -> bool:
     with bf16 absmax values, so its output differs from dequantize + float matmul."""
     import bitsandbytes as bnb
 
-    return any(isinstance(m, bnb.nn.Linear4bit) and getattr(m, "support_avx512bf16_for_cpu", False)
-               and m.weight.device.type == "cpu" for m in model.modules())
+    return any(
+        isinstance(m, bnb.nn.Linear4bit)
+        and getattr(m, "support_avx512bf16_for_cpu", False)
+        and m.weight.device.type == "cpu"
+        for m in model.modules()
+    )
 
 
 def use_dequantize_path(model: torch.nn.Module) -> int:
@@ -385,8 +397,9 @@ def quant_state_bytes(state) -> int:
     return total
 
 
-def bits_per_parameter_4bit(double_quant: bool, blocksize: int = BLOCKSIZE,
-                            nested_blocksize: int = NESTED_BLOCKSIZE) -> float:
+def bits_per_parameter_4bit(
+    double_quant: bool, blocksize: int = BLOCKSIZE, nested_blocksize: int = NESTED_BLOCKSIZE
+) -> float:
     """Nominal bits per weight of a 4-bit layer, block statistics included.
 
     ``4 + 32/64 = 4.5`` without double quantization, ``4 + 8/64 + 32/(64*256) ~ 4.127``
@@ -476,9 +489,16 @@ def storage_report(model: torch.nn.Module) -> StorageReport:
 #: (types with a per-block minimum). K-quants use 32-weight sub-blocks inside 256-weight
 #: super-blocks; their sub-block step is approximated the same way.
 GGUF_STEPS: dict[str, tuple[str, int]] = {
-    "Q4_0": ("absmax", 8), "Q5_0": ("absmax", 16), "Q8_0": ("absmax", 127), "Q6_K": ("absmax", 32),
-    "Q3_K": ("absmax", 4), "Q4_1": ("range", 15), "Q5_1": ("range", 31), "Q2_K": ("range", 3),
-    "Q4_K": ("range", 15), "Q5_K": ("range", 31),
+    "Q4_0": ("absmax", 8),
+    "Q5_0": ("absmax", 16),
+    "Q8_0": ("absmax", 127),
+    "Q6_K": ("absmax", 32),
+    "Q3_K": ("absmax", 4),
+    "Q4_1": ("range", 15),
+    "Q5_1": ("range", 31),
+    "Q2_K": ("range", 3),
+    "Q4_K": ("range", 15),
+    "Q5_K": ("range", 31),
 }
 
 
@@ -503,8 +523,13 @@ def off_grid(weight: torch.Tensor, gguf_type: str, generator: torch.Generator, b
     return (weight.detach().float() + noise).to(weight.dtype)
 
 
-def total_bits(quantized_payload_bytes: int, quant_state_bytes: int, other_params: int, other_bits: int | None = None,
-               other_bytes: int | None = None) -> int:
+def total_bits(
+    quantized_payload_bytes: int,
+    quant_state_bytes: int,
+    other_params: int,
+    other_bits: int | None = None,
+    other_bytes: int | None = None,
+) -> int:
     """Total model bits: quantized payload + quantization state + the unquantized parameters,
     either as stored (``other_bytes``) or as if held at ``other_bits`` each (e.g. 16, as deployed
     on a GPU where the non-quantized layers are bf16)."""

@@ -125,14 +125,26 @@ def check_sections(params: dict[str, Any], notebooks: list[Path]) -> None:
     names = {nb.stem for nb in notebooks} | {"runner", "all"}
     stray = sorted(set(params) - names)
     if stray:
-        raise ParameterFileError(f"sections {', '.join(stray)} name no notebook; notebooks are: "
-                                 + ", ".join(sorted(names - {'runner', 'all'})))
+        raise ParameterFileError(
+            f"sections {', '.join(stray)} name no notebook; notebooks are: "
+            + ", ".join(sorted(names - {"runner", "all"}))
+        )
 
 
 #: Smallest allowed value (of each element, for lists) by parameter name; temperatures and top-k
 #: (any name ending in ``temperature(s)`` or ``top_k(s)``) must be >= 0.
-AT_LEAST = {"threads": 1, "batch_size": 1, "batch_sizes": 1, "max_new_tokens": 1, "n_seeds": 1, "repeats": 1,
-            "n_boot": 1, "prompt_tokens": 1, "eval_window": 1, "max_eval_tokens": 1}
+AT_LEAST = {
+    "threads": 1,
+    "batch_size": 1,
+    "batch_sizes": 1,
+    "max_new_tokens": 1,
+    "n_seeds": 1,
+    "repeats": 1,
+    "n_boot": 1,
+    "prompt_tokens": 1,
+    "eval_window": 1,
+    "max_eval_tokens": 1,
+}
 NON_NEGATIVE = re.compile(r"(temperatures?|top_ks?)$")
 #: Parameters that :func:`check_inputs` checks against this machine.
 INPUT_KEYS = {"device", "methods", "confound_methods", "reference", "models"}
@@ -147,7 +159,13 @@ def _type_name(value: Any) -> str:
         return "a number"
     if isinstance(value, str):
         return "a string"
-    return "a list" if isinstance(value, (list, tuple)) else "a mapping" if isinstance(value, dict) else type(value).__name__
+    return (
+        "a list"
+        if isinstance(value, (list, tuple))
+        else "a mapping"
+        if isinstance(value, dict)
+        else type(value).__name__
+    )
 
 
 def _fits(value: Any, default: Any) -> bool:
@@ -162,7 +180,9 @@ def _fits(value: Any, default: Any) -> bool:
     if isinstance(default, numbers.Real):
         return isinstance(value, numbers.Real)
     if isinstance(default, (list, tuple)):
-        return isinstance(value, (list, tuple)) and (not default or all(any(_fits(v, d) for d in default) for v in value))
+        return isinstance(value, (list, tuple)) and (
+            not default or all(any(_fits(v, d) for d in default) for v in value)
+        )
     return isinstance(value, type(default))
 
 
@@ -172,8 +192,10 @@ def check_values(notebook: Path, values: dict[str, Any], defaults: dict[str, Any
     for key, value in values.items():
         default = defaults.get(key, _NO_LITERAL)
         if not _fits(value, default):
-            raise ParameterFileError(f"{notebook.name}: {key} must be {_type_name(default)} like "
-                                     f"{reprlib.repr(default)}, got {reprlib.repr(value)}")
+            raise ParameterFileError(
+                f"{notebook.name}: {key} must be {_type_name(default)} like "
+                f"{reprlib.repr(default)}, got {reprlib.repr(value)}"
+            )
         items = value if isinstance(value, (list, tuple)) else [value]
         low = AT_LEAST.get(key, 0 if NON_NEGATIVE.search(key) else None)
         if low is not None:
@@ -182,8 +204,9 @@ def check_values(notebook: Path, values: dict[str, Any], defaults: dict[str, Any
                 raise ParameterFileError(f"{notebook.name}: {key} must be >= {low}, got {bad[0]!r}")
 
 
-def check_inputs(notebook: Path, values: dict[str, Any], timeout_s: float = 5.0,
-                 seen_models: dict[str, str | None] | None = None) -> None:
+def check_inputs(
+    notebook: Path, values: dict[str, Any], timeout_s: float = 5.0, seen_models: dict[str, str | None] | None = None
+) -> None:
     """Check ``device``, ``methods`` and ``confound_methods``, ``reference`` and ``models`` of one
     notebook on this machine, without loading anything; ``ParameterFileError`` naming the
     notebook and key. Relative model folders are resolved from the working directory, so call
@@ -219,8 +242,13 @@ def check_inputs(notebook: Path, values: dict[str, Any], timeout_s: float = 5.0,
             if seen[key]:
                 raise ValueError(seen[key])
 
-    checks = {"device": resolve_device, "methods": validate_methods, "confound_methods": validate_methods,
-              "reference": reference, "models": models}  # in this order: models may ask the network
+    checks = {
+        "device": resolve_device,
+        "methods": validate_methods,
+        "confound_methods": validate_methods,
+        "reference": reference,
+        "models": models,
+    }  # in this order: models may ask the network
     for key, check in checks.items():
         if key in values:
             try:
@@ -233,8 +261,9 @@ def _warn_one_line(message, category, filename, lineno, file=None, line=None) ->
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-def check_plan(notebooks: list[Path], params: dict[str, Any], notebooks_dir: Path = NOTEBOOKS_DIR,
-               timeout_s: float = 5.0) -> list[tuple[Path, dict[str, Any]]]:
+def check_plan(
+    notebooks: list[Path], params: dict[str, Any], notebooks_dir: Path = NOTEBOOKS_DIR, timeout_s: float = 5.0
+) -> list[tuple[Path, dict[str, Any]]]:
     """``(notebook, parameters)`` for each notebook, every value checked (:func:`parameters_for`,
     :func:`check_values`, then :func:`check_inputs` on the values the notebook will use: its
     defaults overlaid with ``params``) before any notebook runs."""
@@ -256,8 +285,12 @@ def check_plan(notebooks: list[Path], params: dict[str, Any], notebooks_dir: Pat
     return plan
 
 
-def run(params_file: Path, only: list[str] | None = None, executed_dir: Path | None = None,
-        notebooks_dir: Path = NOTEBOOKS_DIR) -> list[dict]:
+def run(
+    params_file: Path,
+    only: list[str] | None = None,
+    executed_dir: Path | None = None,
+    notebooks_dir: Path = NOTEBOOKS_DIR,
+) -> list[dict]:
     """Execute the selected notebooks; return one summary row per notebook.
 
     Raises ``SystemExit(1)`` at the first failure after printing which notebook and cell.
@@ -280,19 +313,31 @@ def run(params_file: Path, only: list[str] | None = None, executed_dir: Path | N
     summary = []
     for i, (nb, values) in enumerate(plan, 1):
         target = out_dir / nb.name
-        print(f"[{i}/{len(plan)}] {nb.name} -> {target.relative_to(REPO_ROOT) if target.is_relative_to(REPO_ROOT) else target}",
-              flush=True)
+        print(
+            f"[{i}/{len(plan)}] {nb.name} -> {target.relative_to(REPO_ROOT) if target.is_relative_to(REPO_ROOT) else target}",
+            flush=True,
+        )
         start = time.perf_counter()
         try:
-            pm.execute_notebook(str(nb), str(target), parameters=values, cwd=str(notebooks_dir),
-                                kernel_name="python3", progress_bar=True, log_output=False,
-                                kernel_manager_class=kernel_manager_class())
+            pm.execute_notebook(
+                str(nb),
+                str(target),
+                parameters=values,
+                cwd=str(notebooks_dir),
+                kernel_name="python3",
+                progress_bar=True,
+                log_output=False,
+                kernel_manager_class=kernel_manager_class(),
+            )
         except pm.PapermillExecutionError as err:
             cell = source_cell_number(target, err.cell_index)
             first_line = (err.source or "").strip().splitlines()[:1]
-            print(f"\nFAILED: {nb.name}, cell {cell} counting from 1 (first line: {first_line[0] if first_line else ''!r}): "
-                  f"{err.ename}: {err.evalue}\nThe executed copy with the full traceback is {target}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"\nFAILED: {nb.name}, cell {cell} counting from 1 (first line: {first_line[0] if first_line else ''!r}): "
+                f"{err.ename}: {err.evalue}\nThe executed copy with the full traceback is {target}",
+                file=sys.stderr,
+                flush=True,
+            )
             raise SystemExit(1) from None
         seconds = time.perf_counter() - start
         stamp(target, nb, params_file, values, seconds)

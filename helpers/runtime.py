@@ -146,7 +146,9 @@ def resolve_device(device: str) -> str:
     if not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available on this machine; use device 'cpu'")
     if match.group(1) is not None and int(match.group(1)) >= torch.cuda.device_count():
-        raise ValueError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        raise ValueError(
+            f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
     return device
 
 

@@ -31,8 +31,9 @@ def block_bootstrap_means(values: np.ndarray, block: int = 1, n_boot: int = 1000
     return x[idx.reshape(n_boot, -1)[:, :n]].mean(axis=1)
 
 
-def bootstrap_ci(values: np.ndarray, block: int = 1, n_boot: int = 1000, level: float = 0.95,
-                 seed: int = 0) -> tuple[float, float, float]:
+def bootstrap_ci(
+    values: np.ndarray, block: int = 1, n_boot: int = 1000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
     """(mean, low, high): the mean of ``values`` and its percentile bootstrap interval."""
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level}")

@@ -90,8 +90,14 @@ def window_logits(model, window: Window) -> torch.Tensor:
     return model(x).logits[0, :-1].float().cpu()
 
 
-def block_sums(ref_logits: torch.Tensor, logits: torch.Tensor, targets: list[int], temperatures: list[float],
-               top_ks: list[int], block: int) -> pd.DataFrame:
+def block_sums(
+    ref_logits: torch.Tensor,
+    logits: torch.Tensor,
+    targets: list[int],
+    temperatures: list[float],
+    top_ks: list[int],
+    block: int,
+) -> pd.DataFrame:
     """Sums of the per-position measures over blocks of ``block`` consecutive positions.
 
     One row per (T, k, block): ``n`` (positions) and the sum of every measure in ``SUMMED``
@@ -100,11 +106,18 @@ def block_sums(ref_logits: torch.Tensor, logits: torch.Tensor, targets: list[int
     """
     if block < 1:
         raise ValueError(f"block must be a positive number of tokens, got {block}")
-    rows = sampling.next_token_measures(ref_logits, logits, temperatures, top_ks,
-                                        torch.tensor(targets, dtype=torch.long))
+    rows = sampling.next_token_measures(
+        ref_logits, logits, temperatures, top_ks, torch.tensor(targets, dtype=torch.long)
+    )
     df = pd.DataFrame(rows)
-    df = df.assign(p_true=df.p_answer, logloss=-df.logp_answer, ref_p_true=df.ref_p_answer,
-                   ref_logloss=-df.ref_logp_answer, block=df.prompt_index // block, n=1)
+    df = df.assign(
+        p_true=df.p_answer,
+        logloss=-df.logp_answer,
+        ref_p_true=df.ref_p_answer,
+        ref_logloss=-df.ref_logp_answer,
+        block=df.prompt_index // block,
+        n=1,
+    )
     return df.groupby(["temperature", "top_k", "block"], as_index=False)[["n", *SUMMED]].sum()
 
 
@@ -119,8 +132,9 @@ def _expected_logit(a: torch.Tensor, beta: float, chunk: int = 64) -> tuple[floa
     return mean, var
 
 
-def matching_temperature(a: torch.Tensor, target: torch.Tensor, lo: float = 0.05, hi: float = 20.0,
-                         tol: float = 1e-7, max_iter: int = 60) -> float:
+def matching_temperature(
+    a: torch.Tensor, target: torch.Tensor, lo: float = 0.05, hi: float = 20.0, tol: float = 1e-7, max_iter: int = 60
+) -> float:
     """The temperature ``tau`` at which ``sum_i E_{softmax(a_i / tau)}[a_i] = sum_i target_i``.
 
     ``a`` is ``[N, V]`` logits. Two uses, both the minimum of a convex function of
@@ -167,8 +181,15 @@ def code_digest(documents: dict[str, str]) -> str:
     how units are scheduled do not."""
     h = hashlib.sha256("".join(documents.values()).encode())
     h.update(Path(sampling.__file__).read_bytes())
-    for fn in (text_windows, window_logits, block_sums, _expected_logit, matching_temperature, expected_under,
-               TextStudy._unit):
+    for fn in (
+        text_windows,
+        window_logits,
+        block_sums,
+        _expected_logit,
+        matching_temperature,
+        expected_under,
+        TextStudy._unit,
+    ):
         h.update(inspect.getsource(fn).encode())
     return h.hexdigest()[:10]
 
@@ -204,15 +225,22 @@ class TextConfig:
                 raise ValueError(f"{name} must be an integer >= 2, got {value!r}")
         read_documents(self.manifest)
 
-
     @classmethod
     def from_parameters(cls, values: dict[str, Any]) -> TextConfig:
         """The configuration from notebook 04's parameters (``models``, ``device``, ``text_*`` ...)."""
-        return cls(models=list(values["models"]), methods=list(values["text_methods"]), reference=values["reference"],
-                   device=values["device"], compute_dtype=values["compute_dtype"], manifest=values["text_manifest"],
-                   window=values["text_window"], block=values["text_block"],
-                   max_tokens_per_doc=values["text_max_tokens_per_doc"],
-                   temperatures=tuple(values["text_temperatures"]), top_ks=tuple(values["text_top_ks"]))
+        return cls(
+            models=list(values["models"]),
+            methods=list(values["text_methods"]),
+            reference=values["reference"],
+            device=values["device"],
+            compute_dtype=values["compute_dtype"],
+            manifest=values["text_manifest"],
+            window=values["text_window"],
+            block=values["text_block"],
+            max_tokens_per_doc=values["text_max_tokens_per_doc"],
+            temperatures=tuple(values["text_temperatures"]),
+            top_ks=tuple(values["text_top_ks"]),
+        )
 
 
 class TextStudy:
@@ -236,10 +264,20 @@ class TextStudy:
 
     def key(self, model: str, method: str) -> dict[str, Any]:
         c = self.cfg
-        return {"model": model, "method": method, "reference": c.reference, "compute_dtype": c.compute_dtype,
-                "device": c.device.split(":")[0], "window": c.window, "block": c.block,
-                "max_tokens_per_doc": c.max_tokens_per_doc, "temperatures": list(c.temperatures),
-                "top_ks": list(c.top_ks), "fit_positions": c.fit_positions, "code": self.code}
+        return {
+            "model": model,
+            "method": method,
+            "reference": c.reference,
+            "compute_dtype": c.compute_dtype,
+            "device": c.device.split(":")[0],
+            "window": c.window,
+            "block": c.block,
+            "max_tokens_per_doc": c.max_tokens_per_doc,
+            "temperatures": list(c.temperatures),
+            "top_ks": list(c.top_ks),
+            "fit_positions": c.fit_positions,
+            "code": self.code,
+        }
 
     def pending(self) -> list[tuple[str, str]]:
         return [(m, x) for m in self.cfg.models for x in self.compared if not self.store.done(self.key(m, x))]
@@ -314,19 +352,44 @@ class TextStudy:
             bar.update(1)
         a, b, y = torch.cat(fit_ref), torch.cat(fit_x), torch.tensor(fit_y)[:, None]
         tau = matching_temperature(a, expected_under(a, b))
-        fit = {"tau": tau, "best_T": matching_temperature(b, b.gather(1, y).squeeze(1)),
-               "ref_best_T": matching_temperature(a, a.gather(1, y).squeeze(1)), "fit_positions": len(fit_y),
-               "tokens": n_rows}
+        fit = {
+            "tau": tau,
+            "best_T": matching_temperature(b, b.gather(1, y).squeeze(1)),
+            "ref_best_T": matching_temperature(a, a.gather(1, y).squeeze(1)),
+            "fit_positions": len(fit_y),
+            "tokens": n_rows,
+        }
         # the reference at tau * T: what the method at T is compared with once its shift is removed
         hot = [T for T in c.temperatures if T > 0]
-        matched_s, matched = timed(lambda: pd.concat([
-            block_sums(ref, ref, w.ids[1:], [tau * T for T in hot], [0], c.block).assign(doc=w.doc, window=w.index)
-            for w, ref in zip(windows, ref_logits)]))
-        matched = (matched[["temperature", "top_k", "block", "n", "ref_p_true", "ref_logloss", "doc", "window"]]
-                   .assign(view="matched", ref_temperature=matched.temperature,
-                           temperature=matched.temperature.map(dict(zip((tau * T for T in hot), hot)))))
+        matched_s, matched = timed(
+            lambda: pd.concat(
+                [
+                    block_sums(ref, ref, w.ids[1:], [tau * T for T in hot], [0], c.block).assign(
+                        doc=w.doc, window=w.index
+                    )
+                    for w, ref in zip(windows, ref_logits)
+                ]
+            )
+        )
+        matched = matched[["temperature", "top_k", "block", "n", "ref_p_true", "ref_logloss", "doc", "window"]].assign(
+            view="matched",
+            ref_temperature=matched.temperature,
+            temperature=matched.temperature.map(dict(zip((tau * T for T in hot), hot))),
+        )
         rows = pd.concat([pd.concat(nominal).assign(view="nominal"), matched], ignore_index=True)
-        timing = {"forward_s": forward_s, "measures_s": measures_s, "matched_s": matched_s,
-                  "reference_forward_s": ref_s, "load_average": machine_load()}
-        self.store.write(self.key(model_name, method), rows, notebook="02_sampling_sweep", device=c.device,
-                         config=asdict(c), fit=fit, timing=timing)
+        timing = {
+            "forward_s": forward_s,
+            "measures_s": measures_s,
+            "matched_s": matched_s,
+            "reference_forward_s": ref_s,
+            "load_average": machine_load(),
+        }
+        self.store.write(
+            self.key(model_name, method),
+            rows,
+            notebook="02_sampling_sweep",
+            device=c.device,
+            config=asdict(c),
+            fit=fit,
+            timing=timing,
+        )

@@ -90,7 +90,11 @@ class GenerationTiming:
 def validate(batch_sizes: list[int], max_new_tokens: list[int], repeats: int, warmup: int) -> None:
     """Reject bad benchmark settings with a one-line reason before any model is loaded."""
     for name, values in (("batch_sizes", batch_sizes), ("max_new_tokens", max_new_tokens)):
-        if not isinstance(values, (list, tuple)) or not values or not all(isinstance(v, int) and v >= 1 for v in values):
+        if (
+            not isinstance(values, (list, tuple))
+            or not values
+            or not all(isinstance(v, int) and v >= 1 for v in values)
+        ):
             raise ValueError(f"{name} must be a non-empty list of integers >= 1, got {values!r}")
     if max(max_new_tokens) < 2:
         raise ValueError("max_new_tokens needs a value >= 2 to separate prefill from decoding")
@@ -103,13 +107,21 @@ def validate(batch_sizes: list[int], max_new_tokens: list[int], repeats: int, wa
 def fixed_length_kwargs(tokenizer, new_tokens: int) -> dict[str, Any]:
     """``generate`` arguments for exactly ``new_tokens`` greedy tokens, the same for every method."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad,
-                temperature=None, top_p=None, top_k=None)
+    return dict(
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=pad,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+    )
 
 
 @torch.inference_mode()
-def timed_generate(model, inputs: dict[str, torch.Tensor], tokenizer, new_tokens: int,
-                   device: str = "cpu") -> GenerationTiming:
+def timed_generate(
+    model, inputs: dict[str, torch.Tensor], tokenizer, new_tokens: int, device: str = "cpu"
+) -> GenerationTiming:
     """Run ``model.generate`` for exactly ``new_tokens`` tokens and time every step."""
     clock = StepClock(device)
     kwargs = fixed_length_kwargs(tokenizer, new_tokens)
@@ -119,11 +131,17 @@ def timed_generate(model, inputs: dict[str, torch.Tensor], tokenizer, new_tokens
     end = time.perf_counter()
     produced = out.shape[1] - inputs["input_ids"].shape[1]
     if produced != new_tokens or len(clock.stamps) != new_tokens:
-        raise RuntimeError(f"expected {new_tokens} new tokens, generate produced {produced} "
-                           f"({len(clock.stamps)} steps timed)")
+        raise RuntimeError(
+            f"expected {new_tokens} new tokens, generate produced {produced} ({len(clock.stamps)} steps timed)"
+        )
     stamps = clock.stamps
-    return GenerationTiming(new_tokens, inputs["input_ids"].shape[0], stamps[0] - clock.start, end - clock.start,
-                            [b - a for a, b in zip(stamps, stamps[1:])])
+    return GenerationTiming(
+        new_tokens,
+        inputs["input_ids"].shape[0],
+        stamps[0] - clock.start,
+        end - clock.start,
+        [b - a for a, b in zip(stamps, stamps[1:])],
+    )
 
 
 def repeat(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> list[Any]:
@@ -142,13 +160,16 @@ def prompt_inputs(tokenizer, text: str, prompt_tokens: int, batch: int, device: 
     ids = tokenizer(text, add_special_tokens=True)["input_ids"][:prompt_tokens]
     if len(ids) < prompt_tokens:
         raise ValueError(f"the prompt text has only {len(ids)} tokens, fewer than prompt_tokens={prompt_tokens}")
-    return {"input_ids": torch.tensor([ids] * batch, device=device),
-            "attention_mask": torch.ones(batch, len(ids), dtype=torch.long, device=device)}
+    return {
+        "input_ids": torch.tensor([ids] * batch, device=device),
+        "attention_mask": torch.ones(batch, len(ids), dtype=torch.long, device=device),
+    }
 
 
 @torch.inference_mode()
-def harness_check(model, inputs: dict[str, torch.Tensor], tokenizer, new_tokens: int, repeats: int,
-                  device: str = "cpu") -> pd.DataFrame:
+def harness_check(
+    model, inputs: dict[str, torch.Tensor], tokenizer, new_tokens: int, repeats: int, device: str = "cpu"
+) -> pd.DataFrame:
     """The same generation timed two ways, alternating after one warm-up: a bare ``model.generate``
     timed from outside (``bare_s``) and :func:`timed_generate` (``harness_s``), one row per repeat."""
     kwargs = fixed_length_kwargs(tokenizer, new_tokens)
@@ -156,7 +177,9 @@ def harness_check(model, inputs: dict[str, torch.Tensor], tokenizer, new_tokens:
     rows = []
     for _ in range(repeats):
         bare_s = timed(lambda: model.generate(**inputs, **kwargs), device)[0]
-        rows.append({"bare_s": bare_s, "harness_s": timed_generate(model, inputs, tokenizer, new_tokens, device).total_s})
+        rows.append(
+            {"bare_s": bare_s, "harness_s": timed_generate(model, inputs, tokenizer, new_tokens, device).total_s}
+        )
     return pd.DataFrame(rows)
 
 
@@ -226,8 +249,10 @@ def peak_memory(device: str) -> dict[str, float]:
     On CPU, NaN if the last reset did not take: a lifetime peak is not what the plots mean."""
     if device.startswith("cuda"):
         synchronize(device)
-        return {"max_memory_allocated_MiB": torch.cuda.max_memory_allocated(device) / 2**20,
-                "max_memory_reserved_MiB": torch.cuda.max_memory_reserved(device) / 2**20}
+        return {
+            "max_memory_allocated_MiB": torch.cuda.max_memory_allocated(device) / 2**20,
+            "max_memory_reserved_MiB": torch.cuda.max_memory_reserved(device) / 2**20,
+        }
     return {"peak_rss_MiB": rss_mib("VmHWM") if _peak_window else float("nan")}
 
 
@@ -294,16 +319,24 @@ def memory_breakdown(model) -> dict[str, Any]:
     head = head_module.weight if head_module is not None else None
     tied = head is not None and head.data_ptr() == emb.data_ptr()
     embedding = nbytes(emb) + (nbytes(head) if head is not None and not tied else 0)
-    float_linear = sum(nbytes(m.weight) for m in model.modules()
-                       if isinstance(m, torch.nn.Linear) and m is not head_module
-                       and not isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)))
+    float_linear = sum(
+        nbytes(m.weight)
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear)
+        and m is not head_module
+        and not isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+    )
     mib = 2**20
-    return {"linear_MiB": (report.quantized_payload_bytes + float_linear) / mib,
-            "quant_state_MiB": report.quant_state_bytes / mib, "embedding_MiB": embedding / mib,
-            "other_MiB": (report.other_bytes - embedding - float_linear) / mib,
-            "weights_MiB": (report.quantized_payload_bytes + report.other_bytes) / mib,
-            "total_MiB": report.total_bytes / mib, "hf_footprint_MiB": model.get_memory_footprint() / mib,
-            "tied_embeddings": tied}
+    return {
+        "linear_MiB": (report.quantized_payload_bytes + float_linear) / mib,
+        "quant_state_MiB": report.quant_state_bytes / mib,
+        "embedding_MiB": embedding / mib,
+        "other_MiB": (report.other_bytes - embedding - float_linear) / mib,
+        "weights_MiB": (report.quantized_payload_bytes + report.other_bytes) / mib,
+        "total_MiB": report.total_bytes / mib,
+        "hf_footprint_MiB": model.get_memory_footprint() / mib,
+        "tied_embeddings": tied,
+    }
 
 
 def release_memory(device: str = "cpu") -> None:
@@ -377,12 +410,20 @@ class SpeedBenchmark:
 
     LABEL_FIELDS = ("model", "method", "batch")
 
-    def __init__(self, cfg: SpeedConfig, folder: str | Path, prompt_text: str,
-                 load: Callable[[str, str], tuple[Any, Any]] | None = None, progress: Callable | None = None):
+    def __init__(
+        self,
+        cfg: SpeedConfig,
+        folder: str | Path,
+        prompt_text: str,
+        load: Callable[[str, str], tuple[Any, Any]] | None = None,
+        progress: Callable | None = None,
+    ):
         cfg.validate()
         if torch.get_num_threads() != cfg.threads:
-            raise ValueError(f"torch runs {torch.get_num_threads()} threads but threads={cfg.threads}: call "
-                             f"helpers.runtime.configure_threads({cfg.threads}) first")
+            raise ValueError(
+                f"torch runs {torch.get_num_threads()} threads but threads={cfg.threads}: call "
+                f"helpers.runtime.configure_threads({cfg.threads}) first"
+            )
         self.cfg = cfg
         self.prompt_text = prompt_text
         self.hardware = hardware_class(cfg.device)
@@ -394,6 +435,7 @@ class SpeedBenchmark:
 
             def load(model: str, method: str):
                 return registry.load(model, method, cfg.device, cfg.compute_dtype)
+
         self.load = load
         self.progress = progress
         self.code = code_digest()
@@ -402,11 +444,23 @@ class SpeedBenchmark:
     def key(self, model: str, method: str, batch: int) -> dict[str, Any]:
         """The unit's key: every setting that changes its rows."""
         c = self.cfg
-        return {"model": model, "method": method, "batch": batch, "code": self.code, "device": c.device.split(":")[0],
-                "hardware_class": self.hardware, "device_name": self.device_name, "compute_dtype": c.compute_dtype,
-                "threads": c.threads, "prompt": self._prompt_digest, "prompt_tokens": c.prompt_tokens,
-                "new_tokens": c.new_tokens, "lengths": sorted(c.max_new_tokens), "repeats": c.repeats,
-                "warmup": c.warmup}
+        return {
+            "model": model,
+            "method": method,
+            "batch": batch,
+            "code": self.code,
+            "device": c.device.split(":")[0],
+            "hardware_class": self.hardware,
+            "device_name": self.device_name,
+            "compute_dtype": c.compute_dtype,
+            "threads": c.threads,
+            "prompt": self._prompt_digest,
+            "prompt_tokens": c.prompt_tokens,
+            "new_tokens": c.new_tokens,
+            "lengths": sorted(c.max_new_tokens),
+            "repeats": c.repeats,
+            "warmup": c.warmup,
+        }
 
     def units(self) -> list[tuple[str, str, int]]:
         """Every (model, method, batch) of the configuration, in the order they run."""
@@ -444,31 +498,50 @@ class SpeedBenchmark:
         c, device = self.cfg, self.cfg.device
         release_memory(device)
         if not reset_peak_memory(device):
-            warnings.warn("this kernel cannot reset the process's peak RSS (/proc/self/clear_refs): "
-                          "peak memory is stored as NaN", stacklevel=2)
+            warnings.warn(
+                "this kernel cannot reset the process's peak RSS (/proc/self/clear_refs): peak memory is stored as NaN",
+                stacklevel=2,
+            )
         baseline = rss_mib() if device == "cpu" else float("nan")
         load_s, (model, tok) = timed(lambda: self.load(model_name, method), device)
         parts = memory_breakdown(model)  # before the first forward (CPU kernels may repack)
         with torch.inference_mode():
-            first_s, _ = timed(lambda: model(**prompt_inputs(tok, self.prompt_text, c.prompt_tokens, 1, device)), device)
+            first_s, _ = timed(
+                lambda: model(**prompt_inputs(tok, self.prompt_text, c.prompt_tokens, 1, device)), device
+            )
         emb = model.get_input_embeddings().weight
-        kv = kv_cache_bytes(model.config, c.prompt_tokens + c.new_tokens // 2,
-                            2 if model.dtype in (torch.float16, torch.bfloat16) else 4)
-        per_token = bytes_per_token(round(parts["total_MiB"] * 2**20), emb.numel() * emb.element_size(),
-                                    parts["tied_embeddings"], kv)
+        kv = kv_cache_bytes(
+            model.config,
+            c.prompt_tokens + c.new_tokens // 2,
+            2 if model.dtype in (torch.float16, torch.bfloat16) else 4,
+        )
+        per_token = bytes_per_token(
+            round(parts["total_MiB"] * 2**20), emb.numel() * emb.element_size(), parts["tied_embeddings"], kv
+        )
         for batch in batches:
             inputs = prompt_inputs(tok, self.prompt_text, c.prompt_tokens, batch, device)
             runs = repeat(lambda: timed_generate(model, inputs, tok, c.new_tokens, device), c.repeats, c.warmup)
             rows = []
             for i, (t, load) in enumerate(runs):
-                row = {"batch": batch, "run": i, "ttft_s": t.ttft_s, "total_s": t.total_s,
-                       "decode_tokens_per_s": t.decode_tokens_per_s, "load_average": load}
+                row = {
+                    "batch": batch,
+                    "run": i,
+                    "ttft_s": t.ttft_s,
+                    "total_s": t.total_s,
+                    "decode_tokens_per_s": t.decode_tokens_per_s,
+                    "load_average": load,
+                }
                 for n in sorted(c.max_new_tokens):  # end-to-end tokens/s of an n-token generation, prefill included
                     row[f"e2e_tokens_per_s_{n}"] = t.e2e_tokens_per_s_at(n)
                 rows.append(row)
             df = pd.DataFrame(rows).assign(  # peak memory: since loading, so it includes the load
-                load_s=load_s, first_forward_s=first_s, **parts, bytes_per_token=per_token,
-                baseline_rss_MiB=baseline, **peak_memory(device))
+                load_s=load_s,
+                first_forward_s=first_s,
+                **parts,
+                bytes_per_token=per_token,
+                baseline_rss_MiB=baseline,
+                **peak_memory(device),
+            )
             self.store.write(self.key(model_name, method, batch), df, device=device, **meta)
             if bar is not None:
                 bar.update(1)
@@ -489,9 +562,16 @@ def add_memory_breakdown(runs: pd.DataFrame, load: Callable[[str, str], tuple[An
         release_memory()
         for col in ("weights_MiB", "quant_state_MiB"):
             if abs(parts[col] - g[col].iloc[0]) > 0.01:
-                raise ValueError(f"{model_name} {method}: {col} counted {parts[col]:.2f} MiB, stored {g[col].iloc[0]:.2f}")
-        rows.append({"model": model_name, "method": method,
-                     **{k: parts[k] for k in ("linear_MiB", "embedding_MiB", "other_MiB", "total_MiB")}})
+                raise ValueError(
+                    f"{model_name} {method}: {col} counted {parts[col]:.2f} MiB, stored {g[col].iloc[0]:.2f}"
+                )
+        rows.append(
+            {
+                "model": model_name,
+                "method": method,
+                **{k: parts[k] for k in ("linear_MiB", "embedding_MiB", "other_MiB", "total_MiB")},
+            }
+        )
     return runs.merge(pd.DataFrame(rows), on=["model", "method"], how="left")
 
 
@@ -502,19 +582,51 @@ def code_digest() -> str:
     from .quantization import storage_report
 
     h = hashlib.sha256()
-    for obj in (StepClock, GenerationTiming, fixed_length_kwargs, timed_generate, repeat, prompt_inputs,
-                reset_peak_rss, rss_mib, peak_memory, kv_cache_bytes, bytes_per_token, memory_breakdown,
-                release_memory, SpeedBenchmark, storage_report):
+    for obj in (
+        StepClock,
+        GenerationTiming,
+        fixed_length_kwargs,
+        timed_generate,
+        repeat,
+        prompt_inputs,
+        reset_peak_rss,
+        rss_mib,
+        peak_memory,
+        kv_cache_bytes,
+        bytes_per_token,
+        memory_breakdown,
+        release_memory,
+        SpeedBenchmark,
+        storage_report,
+    ):
         h.update(inspect.getsource(obj).encode())
     return h.hexdigest()[:10]
 
 
 # --------------------------------------------------------------------------- summary
 #: Columns that are the same for every run of a (model, method): carried into the summary.
-UNIT_COLUMNS = ("load_s", "first_forward_s", "linear_MiB", "embedding_MiB", "other_MiB", "quant_state_MiB",
-                "weights_MiB", "total_MiB", "hf_footprint_MiB", "bytes_per_token", "tied_embeddings", "baseline_rss_MiB",
-                "peak_rss_MiB", "max_memory_allocated_MiB", "max_memory_reserved_MiB", "prompt_tokens",
-                "new_tokens", "hardware_class", "device_kind", "device_name")
+UNIT_COLUMNS = (
+    "load_s",
+    "first_forward_s",
+    "linear_MiB",
+    "embedding_MiB",
+    "other_MiB",
+    "quant_state_MiB",
+    "weights_MiB",
+    "total_MiB",
+    "hf_footprint_MiB",
+    "bytes_per_token",
+    "tied_embeddings",
+    "baseline_rss_MiB",
+    "peak_rss_MiB",
+    "max_memory_allocated_MiB",
+    "max_memory_reserved_MiB",
+    "prompt_tokens",
+    "new_tokens",
+    "hardware_class",
+    "device_kind",
+    "device_name",
+)
 
 
 def summarize(runs: pd.DataFrame, read_GBps: float) -> pd.DataFrame:
@@ -523,10 +635,17 @@ def summarize(runs: pd.DataFrame, read_GBps: float) -> pd.DataFrame:
     the (model, method)'s memory columns (of its first unit), and the batch-1 roofline
     ``read_GBps / bytes_per_token`` (:data:`UNIT_COLUMNS` that ``runs`` lacks are left out)."""
     keys = ["model", "method", "batch"]
-    s = runs.groupby(keys, sort=False).agg(
-        decode_tokens_per_s=("decode_tokens_per_s", "median"), decode_min=("decode_tokens_per_s", "min"),
-        decode_max=("decode_tokens_per_s", "max"), ttft_s=("ttft_s", "median"),
-        max_load_average=("load_average", "max")).reset_index()
+    s = (
+        runs.groupby(keys, sort=False)
+        .agg(
+            decode_tokens_per_s=("decode_tokens_per_s", "median"),
+            decode_min=("decode_tokens_per_s", "min"),
+            decode_max=("decode_tokens_per_s", "max"),
+            ttft_s=("ttft_s", "median"),
+            max_load_average=("load_average", "max"),
+        )
+        .reset_index()
+    )
     static = runs.groupby(["model", "method"], sort=False)[[c for c in UNIT_COLUMNS if c in runs]].first()
     s = s.merge(static.reset_index(), on=["model", "method"], how="left")
     return s.assign(roofline_tokens_per_s=read_GBps * 1e9 / s.bytes_per_token)
@@ -538,8 +657,14 @@ SIXTEEN_BIT = ("bf16", "fp16")
 #: C4 ("int8 inference is much slower") holds when int8 decodes at less than this share of 16-bit speed.
 C4_MAX_RATIO = 0.5
 #: lit-gpt's quantization tutorial: falcon-7b on one A100, 256 new tokens, (tokens/s, GB of GPU memory).
-LITGPT_A100 = {"bf16": (47.66, 14.50), "nf4": (37.62, 5.72), "nf4-dq": (30.87, 5.38), "fp4": (36.98, 5.72),
-               "fp4-dq": (25.54, 5.38), "int8": (12.66, 8.70)}
+LITGPT_A100 = {
+    "bf16": (47.66, 14.50),
+    "nf4": (37.62, 5.72),
+    "nf4-dq": (30.87, 5.38),
+    "fp4": (36.98, 5.72),
+    "fp4-dq": (25.54, 5.38),
+    "int8": (12.66, 8.70),
+}
 LITGPT_A100_SOURCE = "https://github.com/Lightning-AI/litgpt/blob/main/tutorials/quantize.md"
 LITGPT_A100_LABEL = "lit-gpt A100"
 _GROUP_KEYS = ("hardware_class", "model", "batch")
@@ -548,9 +673,20 @@ _GROUP_KEYS = ("hardware_class", "model", "batch")
 def litgpt_a100_summary() -> pd.DataFrame:
     """lit-gpt's A100 table (:data:`LITGPT_A100`) as a summary that :func:`c4_c5_verdicts` and
     :func:`speed_ratios` take: falcon-7b, batch 1, 256 new tokens."""
-    return pd.DataFrame([{"hardware_class": LITGPT_A100_LABEL, "model": "falcon-7b", "batch": 1, "method": m,
-                          "decode_tokens_per_s": tps, "memory_GB": gb, "new_tokens": 256}
-                         for m, (tps, gb) in LITGPT_A100.items()])
+    return pd.DataFrame(
+        [
+            {
+                "hardware_class": LITGPT_A100_LABEL,
+                "model": "falcon-7b",
+                "batch": 1,
+                "method": m,
+                "decode_tokens_per_s": tps,
+                "memory_GB": gb,
+                "new_tokens": 256,
+            }
+            for m, (tps, gb) in LITGPT_A100.items()
+        ]
+    )
 
 
 def _speed_groups(summary: pd.DataFrame):
@@ -571,8 +707,11 @@ def speed_ratios(summary: pd.DataFrame) -> pd.DataFrame:
     ``fp16``) of the same (hardware class,) model and batch: columns ``[hardware_class,] model,
     batch, method, decode_tokens_per_s, best_16bit, ratio_to_16bit``."""
     keys, groups = _speed_groups(summary)
-    rows = [{**k, "method": m, "decode_tokens_per_s": v, "best_16bit": best, "ratio_to_16bit": v / speed[best]}
-            for k, speed, best in groups for m, v in speed.items()]
+    rows = [
+        {**k, "method": m, "decode_tokens_per_s": v, "best_16bit": best, "ratio_to_16bit": v / speed[best]}
+        for k, speed, best in groups
+        for m, v in speed.items()
+    ]
     return pd.DataFrame(rows, columns=[*keys, "method", "decode_tokens_per_s", "best_16bit", "ratio_to_16bit"])
 
 
@@ -592,12 +731,26 @@ def c4_c5_verdicts(summary: pd.DataFrame) -> pd.DataFrame:
         base = speed[best]
         if "int8" in speed:
             r = speed["int8"] / base
-            rows.append({"claim": "C4", **k, "verdict": "holds" if r < C4_MAX_RATIO else "does not hold", "ratio": r,
-                         "numbers": f"int8 {speed['int8']:.1f} tok/s = {r:.2f} x best 16-bit ({best} {base:.1f}); "
-                                    f"slowest: {speed.idxmin()} {speed.min():.1f}"})
+            rows.append(
+                {
+                    "claim": "C4",
+                    **k,
+                    "verdict": "holds" if r < C4_MAX_RATIO else "does not hold",
+                    "ratio": r,
+                    "numbers": f"int8 {speed['int8']:.1f} tok/s = {r:.2f} x best 16-bit ({best} {base:.1f}); "
+                    f"slowest: {speed.idxmin()} {speed.min():.1f}",
+                }
+            )
         r = speed.max() / base
-        rows.append({"claim": "C5", **k, "verdict": "holds" if speed.max() <= base else "does not hold", "ratio": r,
-                     "numbers": f"fastest: {speed.idxmax()} {speed.max():.1f} tok/s; best 16-bit: {best} {base:.1f}"})
+        rows.append(
+            {
+                "claim": "C5",
+                **k,
+                "verdict": "holds" if speed.max() <= base else "does not hold",
+                "ratio": r,
+                "numbers": f"fastest: {speed.idxmax()} {speed.max():.1f} tok/s; best 16-bit: {best} {base:.1f}",
+            }
+        )
     return pd.DataFrame(rows, columns=["claim", *keys, "verdict", "ratio", "numbers"])
 
 
@@ -607,8 +760,9 @@ def side_by_side(verdicts: pd.DataFrame, reference: pd.DataFrame | None = None) 
     lit-gpt's A100 one, on another model) adds one last column, filled on the rows of its claim
     and batch."""
     cells = verdicts.assign(cell=verdicts.verdict + " (" + verdicts.ratio.map("{:.2f}".format) + ")")
-    wide = cells.pivot_table(index=["claim", "batch", "model"], columns="hardware_class", values="cell",
-                             aggfunc="first", sort=False)
+    wide = cells.pivot_table(
+        index=["claim", "batch", "model"], columns="hardware_class", values="cell", aggfunc="first", sort=False
+    )
     wide = wide.reindex(columns=list(dict.fromkeys(verdicts.hardware_class))).fillna("")
     wide = wide.sort_index(level=["claim", "batch"], sort_remaining=False)
     wide.columns.name = None
@@ -631,7 +785,7 @@ def class_tables(folder: str | Path, notebook: str, table: str) -> dict[str, Pat
     prefix, suffix = f"{notebook}_", f"_{table}.csv"
     found = {}
     for path in sorted(Path(folder).glob(f"{prefix}*{suffix}")):
-        cls = path.name[len(prefix):-len(suffix)]
+        cls = path.name[len(prefix) : -len(suffix)]
         if _CLASS_NAME.fullmatch(cls):
             found[cls] = path
     return found
@@ -661,6 +815,8 @@ def class_runs(folder: str | Path, notebook: str, hardware: str) -> tuple[pd.Dat
     tagged with the class (to redraw that class's figures without timing anything)."""
     tables = class_tables(folder, notebook, "runs")
     if hardware not in tables:
-        raise FileNotFoundError(f"no {notebook}_{hardware}_runs.csv in {folder}; classes there: {sorted(tables) or 'none'}")
+        raise FileNotFoundError(
+            f"no {notebook}_{hardware}_runs.csv in {folder}; classes there: {sorted(tables) or 'none'}"
+        )
     runs, meta = load_table(tables[hardware])
     return runs.assign(hardware_class=hardware), meta

@@ -48,7 +48,7 @@ class Workers:
 
     def share(self, units: Sequence[U]) -> list[U]:
         """Every ``count``-th unit, starting at this process's index (units of one model spread out)."""
-        return list(units[self.index::self.count])
+        return list(units[self.index :: self.count])
 
     def wait(self) -> None:
         """Wait until every process reaches this point (units one phase needs are then stored)."""

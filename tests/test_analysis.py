@@ -72,9 +72,13 @@ def test_verdicts():
 
 
 def test_mean_ci_by_averages_samples_of_a_prompt_first():
-    df = pd.DataFrame({"method": ["a"] * 4 + ["b"] * 2 + ["c"],
-                       "prompt_id": ["p0", "p0", "p0", "p1", "p0", "p1", "p0"],
-                       "v": [1.0, 2.0, 3.0, 10.0, 5.0, 5.0, np.nan]})
+    df = pd.DataFrame(
+        {
+            "method": ["a"] * 4 + ["b"] * 2 + ["c"],
+            "prompt_id": ["p0", "p0", "p0", "p1", "p0", "p1", "p0"],
+            "v": [1.0, 2.0, 3.0, 10.0, 5.0, 5.0, np.nan],
+        }
+    )
     t = analysis.mean_ci_by(df, ["method"], "v", n_boot=200).set_index("method")
     assert t.loc["a", "mean"] == pytest.approx((2.0 + 10.0) / 2)  # p0's three samples count once
     assert t.loc["a", "prompts"] == 2 and t.loc["a", "low"] >= 2.0 and t.loc["a", "high"] <= 10.0

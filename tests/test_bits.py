@@ -46,8 +46,12 @@ def test_split_spans_by_hand():
     docs = {"a": "one two three four five", "b": "sixsix seven"}
     spans = bits.split_spans(docs, span_bytes=8)
     # "one two " is 8 bytes; "three four " 11; "five" (4, not under 8 / 2) stays a span of its own
-    assert [(s.doc, docs[s.doc][s.start:s.stop]) for s in spans] == [
-        ("a", "one two "), ("a", "three four "), ("a", "five"), ("b", "sixsix seven")]
+    assert [(s.doc, docs[s.doc][s.start : s.stop]) for s in spans] == [
+        ("a", "one two "),
+        ("a", "three four "),
+        ("a", "five"),
+        ("b", "sixsix seven"),
+    ]
     spans = bits.split_spans({"a": "aaaaaaa b"}, span_bytes=8)  # "b" (1 < 4) joins the span before
     assert [(s.start, s.stop) for s in spans] == [(0, 9)]
     with pytest.raises(ValueError):
@@ -126,8 +130,9 @@ def test_span_intervals_by_hand():
     est, lo, hi = bits.bpb_difference_ci(nll, nbytes, 1.5 * nll, nbytes, n_boot=200)
     assert (est, lo, hi) == pytest.approx((-1.0, -1.0, -1.0))
     # perplexity change: NLL per token 1.1 vs 1.0 everywhere -> exp(0.1) - 1
-    est, lo, hi = bits.perplexity_change_ci(np.array([11.0, 22.0]), np.array([10.0, 20.0]), np.array([10.0, 20.0]),
-                                            n_boot=200)
+    est, lo, hi = bits.perplexity_change_ci(
+        np.array([11.0, 22.0]), np.array([10.0, 20.0]), np.array([10.0, 20.0]), n_boot=200
+    )
     assert (est, lo, hi) == pytest.approx((math.expm1(0.1),) * 3)
     # a ratio of sums, not a mean of ratios: (1 + 9) / (1 + 1) = 5
     est, lo, hi = bits.mean_ci(np.array([1.0, 9.0]), np.array([1.0, 1.0]), n_boot=2000)
@@ -136,7 +141,14 @@ def test_span_intervals_by_hand():
 
 def test_precision_families_and_representatives():
     assert [bits.precision_family(m) for m in ("fp32", "bf16", "fp16", "int8", "int8-noout", "nf4-dq", "fp4")] == [
-        "fp32", "16-bit", "16-bit", "int8", "int8", "nf4", "fp4"]
+        "fp32",
+        "16-bit",
+        "16-bit",
+        "int8",
+        "int8",
+        "nf4",
+        "fp4",
+    ]
     got = bits.family_members(["nf4-dq", "fp16", "int8-noout", "nf4", "fp32", "bf16"])
     assert got == {"fp32": ["fp32"], "16-bit": ["bf16", "fp16"], "int8": ["int8-noout"], "nf4": ["nf4", "nf4-dq"]}
     with pytest.raises(ValueError):
@@ -145,20 +157,29 @@ def test_precision_families_and_representatives():
 
 def _families(small_bits: dict, large_bits: dict) -> pd.DataFrame:
     prec = {"fp32": 32, "16-bit": 16, "int8": 8, "nf4": 4.5, "fp4": 4.5}
-    rows = [{"model": "S", "family": f, "params": 100, "precision_bits": prec[f], "total_bits": b}
-            for f, b in small_bits.items()]
-    rows += [{"model": "L", "family": f, "params": 200, "precision_bits": prec[f], "total_bits": b}
-             for f, b in large_bits.items()]
+    rows = [
+        {"model": "S", "family": f, "params": 100, "precision_bits": prec[f], "total_bits": b}
+        for f, b in small_bits.items()
+    ]
+    rows += [
+        {"model": "L", "family": f, "params": 200, "precision_bits": prec[f], "total_bits": b}
+        for f, b in large_bits.items()
+    ]
     return pd.DataFrame(rows)
 
 
 def test_equal_memory_pairs_only_at_deployment_precisions():
-    table = _families({"fp32": 3200, "16-bit": 1600, "int8": 800, "nf4": 450},
-                      {"fp32": 6400, "16-bit": 3200, "int8": 1600, "nf4": 900})
+    table = _families(
+        {"fp32": 3200, "16-bit": 1600, "int8": 800, "nf4": 450},
+        {"fp32": 6400, "16-bit": 3200, "int8": 1600, "nf4": 900},
+    )
     pairs = bits.equal_memory_pairs(table)
     # the larger model at int8 / nf4 against the smaller at a higher deployment precision; never fp32
-    assert list(zip(pairs.larger_family, pairs.smaller_family)) == [("int8", "16-bit"), ("nf4", "16-bit"),
-                                                                     ("nf4", "int8")]
+    assert list(zip(pairs.larger_family, pairs.smaller_family)) == [
+        ("int8", "16-bit"),
+        ("nf4", "16-bit"),
+        ("nf4", "int8"),
+    ]
     assert pairs.eligible.tolist() == [True, True, False]  # 1600 <= 1600, 900 <= 1600, 900 > 800
     assert pairs.memory_ratio.tolist() == pytest.approx([1.0, 900 / 1600, 900 / 800])
 
@@ -166,9 +187,11 @@ def test_equal_memory_pairs_only_at_deployment_precisions():
 def test_equal_memory_verdict_by_hand():
     table = _families({"16-bit": 1600, "int8": 800}, {"int8": 1600, "nf4": 900})
     pairs = bits.equal_memory_pairs(table)  # (int8, 16-bit) ok, (nf4, 16-bit) ok, (nf4, int8) not eligible
+
     def with_ci(*intervals):
         lo, hi = zip(*intervals)
         return pairs.assign(diff_low=list(lo), diff_high=list(hi))
+
     # the third interval belongs to an ineligible pair and never counts
     assert bits.equal_memory_verdict(with_ci((-0.2, -0.1), (-0.05, -0.01), (0.1, 0.2)))[0] == "holds"
     assert bits.equal_memory_verdict(with_ci((0.1, 0.2), (-0.01, 0.02), (-1, -0.5)))[0] == "does not hold"

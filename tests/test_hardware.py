@@ -18,13 +18,16 @@ flags\t\t: fpu sse sse2 {flags}
 """
 
 
-@pytest.mark.parametrize("flags, expected", [
-    ("avx avx2 fma avx512f avx512bw avx512_vnni avx512_bf16 amx_bf16", "cpu-avx512bf16"),
-    ("avx avx2 fma avx512f avx512bw avx512_vnni", "cpu-avx512"),
-    ("avx avx2 fma", "cpu-avx2"),
-    ("avx", "cpu-generic"),
-    ("", "cpu-generic"),
-])
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        ("avx avx2 fma avx512f avx512bw avx512_vnni avx512_bf16 amx_bf16", "cpu-avx512bf16"),
+        ("avx avx2 fma avx512f avx512bw avx512_vnni", "cpu-avx512"),
+        ("avx avx2 fma", "cpu-avx2"),
+        ("avx", "cpu-generic"),
+        ("", "cpu-generic"),
+    ],
+)
 def test_cpu_class_from_cpuinfo(tmp_path, flags, expected):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(CPUINFO.format(flags=flags))
@@ -38,20 +41,23 @@ def test_unreadable_cpuinfo_is_generic(tmp_path):
     assert runtime.hardware_class("cpu", cpuinfo=tmp_path / "absent") == "cpu-generic"
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("NVIDIA H100 80GB HBM3", "cuda-h100"),
-    ("NVIDIA H100 PCIe", "cuda-h100"),
-    ("NVIDIA H200", "cuda-h200"),
-    ("NVIDIA A100-SXM4-40GB", "cuda-a100"),
-    ("NVIDIA A100 80GB PCIe", "cuda-a100"),
-    ("Tesla T4", "cuda-t4"),
-    ("Tesla V100-SXM2-16GB", "cuda-v100"),
-    ("NVIDIA L4", "cuda-l4"),
-    ("NVIDIA GeForce RTX 4090", "cuda-rtx4090"),
-    ("NVIDIA RTX A6000", "cuda-rtxa6000"),
-    ("NVIDIA GeForce GTX 1080 Ti", "cuda-gtx1080"),
-    ("", "cuda-unknown"),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("NVIDIA H100 80GB HBM3", "cuda-h100"),
+        ("NVIDIA H100 PCIe", "cuda-h100"),
+        ("NVIDIA H200", "cuda-h200"),
+        ("NVIDIA A100-SXM4-40GB", "cuda-a100"),
+        ("NVIDIA A100 80GB PCIe", "cuda-a100"),
+        ("Tesla T4", "cuda-t4"),
+        ("Tesla V100-SXM2-16GB", "cuda-v100"),
+        ("NVIDIA L4", "cuda-l4"),
+        ("NVIDIA GeForce RTX 4090", "cuda-rtx4090"),
+        ("NVIDIA RTX A6000", "cuda-rtxa6000"),
+        ("NVIDIA GeForce GTX 1080 Ti", "cuda-gtx1080"),
+        ("", "cuda-unknown"),
+    ],
+)
 def test_gpu_class_from_the_device_name(name, expected):
     assert runtime.gpu_class(name) == expected
 

@@ -6,7 +6,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
-from helpers import methods, models
+from helpers import methods
 
 
 def test_registry_has_every_method_of_the_study():
@@ -30,6 +30,7 @@ def test_validate_rejects_bad_lists():
 
 def test_bad_parameters_fail_before_any_heavy_work(monkeypatch):
     """An unknown method or model must fail before anything is read from disk."""
+
     def boom(*args, **kwargs):  # pragma: no cover - reaching it is the failure
         raise AssertionError("from_pretrained was called before validation")
 

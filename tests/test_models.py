@@ -87,18 +87,31 @@ def test_local_folder_needs_a_config(tmp_path):
 
 def test_cli_checks_any_model_name(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-m", "helpers.models", "check", "smollm2-135m", "meta-llama/Llama-2-7b-hf"],
-                         check=False, capture_output=True, text=True, timeout=120, env=env)
+    out = subprocess.run(
+        [sys.executable, "-m", "helpers.models", "check", "smollm2-135m", "meta-llama/Llama-2-7b-hf"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert out.returncode == 1 and out.stderr.count("\n") == 1
     assert "'meta-llama/Llama-2-7b-hf' is not in the local Hugging Face cache" in out.stderr
-    out = subprocess.run([sys.executable, "-m", "helpers.models", "check", "smollm2-135m"],
-                         check=False, capture_output=True, text=True, timeout=120, env=env)
+    out = subprocess.run(
+        [sys.executable, "-m", "helpers.models", "check", "smollm2-135m"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert out.returncode == 0 and out.stdout == "available: smollm2-135m\n"
 
 
 def test_cli_reports_one_line_errors():
-    out = subprocess.run([sys.executable, "-m", "helpers.models", "prepare", "llama-7b"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "helpers.models", "prepare", "llama-7b"], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 1
     assert out.stderr.strip().count("\n") == 0 and "unknown embedded model 'llama-7b'" in out.stderr
 
@@ -133,4 +146,5 @@ def test_prepared_weights_equal_the_gguf_values_exactly(smol_path, tmp_path):
             assert np.array_equal(saved.numpy(), expected.reshape(saved.shape))
             # a Q4_1 block of 32 holds at most 16 distinct values
             from helpers.quantization import distinct_values_per_block
+
             assert distinct_values_per_block(saved, 32).max() <= 16

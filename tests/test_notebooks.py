@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ast
 import json
-from pathlib import Path
 
 import papermill as pm
 import pytest
@@ -31,8 +30,9 @@ def test_there_are_notebooks():
 def test_sources_have_no_outputs(nb):
     cells = json.loads(nb.read_text())["cells"]
     code = [c for c in cells if c["cell_type"] == "code"]
-    assert all(not c["outputs"] and c["execution_count"] is None for c in code), \
+    assert all(not c["outputs"] and c["execution_count"] is None for c in code), (
         f"{nb.name} was saved with outputs: clear them (executed copies live in notebooks/executed)"
+    )
 
 
 @pytest.mark.parametrize("nb", SOURCES, ids=lambda p: p.stem)
@@ -43,8 +43,9 @@ def test_parameters_cell_holds_plain_values(nb):
     tree = ast.parse("".join(tagged[0]["source"]))
     names = set()
     for stmt in tree.body:
-        assert isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name), \
+        assert isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name), (
             f"{nb.name}: parameters cell may only assign names: {ast.unparse(stmt)}"
+        )
         ast.literal_eval(stmt.value)  # raises unless a plain literal
         names.add(stmt.targets[0].id)
     # papermill must see every one of them (an '=' in a comment hides a parameter from it)
@@ -57,8 +58,9 @@ def test_executed_copy_is_fresh(nb):
     executed = EXECUTED / nb.name
     assert executed.exists(), f"no executed copy of {nb.name}: run `make reproduce`"
     meta = json.loads(executed.read_text())["metadata"].get("compendium", {})
-    assert meta.get("source_sha256") == runner.source_hash(nb), \
+    assert meta.get("source_sha256") == runner.source_hash(nb), (
         f"notebooks/executed/{nb.name} is stale: {nb.name} changed since it was executed; run `make reproduce`"
+    )
     assert meta.get("params_file", "").endswith("default.yaml")
 
 

@@ -9,10 +9,7 @@ from helpers import models, outliers
 
 def test_outlier_dimensions_by_hand():
     # 4 layers x 3 dims: share of positions with |x| >= 6
-    share = np.array([[0.10, 0.0, 0.05],
-                      [0.07, 0.0, 0.50],
-                      [0.00, 0.9, 0.00],
-                      [0.00, 0.0, 0.00]])
+    share = np.array([[0.10, 0.0, 0.05], [0.07, 0.0, 0.50], [0.00, 0.9, 0.00], [0.00, 0.0, 0.00]])
     # dim 0: hit (>= 6%) in 2 of 4 layers; dim 1: 1 of 4; dim 2: 1 of 4 (0.05 < 0.06)
     assert outliers.outlier_dimensions(share).tolist() == [0, 1, 2]  # all reach 25% = 1 layer
     assert outliers.outlier_dimensions(share, layer_share=0.5).tolist() == [0]
@@ -76,9 +73,13 @@ def test_block_linears_names_block_and_role():
     net.model.layers[1].mlp = torch.nn.Module()
     net.model.layers[1].mlp.up_proj = torch.nn.Linear(2, 2)
     got = [(name, block, role) for name, block, role, _ in models.block_linears(net)]
-    assert got == [("model.layers.0.q_proj", 0, "q_proj"), ("model.layers.0.down_proj", 0, "down_proj"),
-                   ("model.layers.1.q_proj", 1, "q_proj"), ("model.layers.1.down_proj", 1, "down_proj"),
-                   ("model.layers.1.mlp.up_proj", 1, "mlp.up_proj")]
+    assert got == [
+        ("model.layers.0.q_proj", 0, "q_proj"),
+        ("model.layers.0.down_proj", 0, "down_proj"),
+        ("model.layers.1.q_proj", 1, "q_proj"),
+        ("model.layers.1.down_proj", 1, "down_proj"),
+        ("model.layers.1.mlp.up_proj", 1, "mlp.up_proj"),
+    ]
 
 
 def test_relative_criterion_is_scale_invariant_and_counts_by_hand():
@@ -136,8 +137,9 @@ def test_largest_names_the_layer_and_its_scale():
 
 def _int8_layer(weight: torch.Tensor, threshold: float):
     bnb = pytest.importorskip("bitsandbytes")
-    layer = bnb.nn.Linear8bitLt(weight.shape[1], weight.shape[0], bias=False, has_fp16_weights=False,
-                                threshold=threshold)
+    layer = bnb.nn.Linear8bitLt(
+        weight.shape[1], weight.shape[0], bias=False, has_fp16_weights=False, threshold=threshold
+    )
     layer.weight = bnb.nn.Int8Params(weight.clone(), requires_grad=False, has_fp16_weights=False)
     return layer.to("cpu").eval()  # in training mode bitsandbytes' CPU path ignores the threshold
 

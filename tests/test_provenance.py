@@ -15,8 +15,18 @@ def test_save_and_load_roundtrip(tmp_path):
     back, meta = provenance.load_table(path)
     pd.testing.assert_frame_equal(back, df)
     assert meta["notebook"] == "01_x" and meta["parameters"] == {"a": 1} and meta["rows"] == 1
-    for key in ("date", "git_commit", "sources_modified", "packages", "device", "hardware_class", "cpu", "cpu_flags",
-                "threads", "load_average_1min"):
+    for key in (
+        "date",
+        "git_commit",
+        "sources_modified",
+        "packages",
+        "device",
+        "hardware_class",
+        "cpu",
+        "cpu_flags",
+        "threads",
+        "load_average_1min",
+    ):
         assert key in meta
     assert meta["packages"]["bitsandbytes"] == "0.50.2"
     assert meta["threads"]["torch_num_threads"] >= 1
@@ -42,15 +52,28 @@ def test_compressed_tables(tmp_path):
 
 
 def _git(repo, *args):
-    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.org", *args], cwd=repo,
-                          check=True, capture_output=True, text=True).stdout.strip()
+    return subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@example.org", *args],
+        cwd=repo,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
 
 
 @pytest.fixture
 def repo(tmp_path):
     """A git repository laid out like this one, with one commit."""
-    for rel in ("helpers/a.py", "notebooks/01_x.ipynb", "notebooks/executed/01_x.ipynb", "params/p.yaml",
-                "pyproject.toml", "data/t.csv", "figures/f.png", "README.md"):
+    for rel in (
+        "helpers/a.py",
+        "notebooks/01_x.ipynb",
+        "notebooks/executed/01_x.ipynb",
+        "params/p.yaml",
+        "pyproject.toml",
+        "data/t.csv",
+        "figures/f.png",
+        "README.md",
+    ):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text("v1\n")
     _git(tmp_path, "init", "-q")
@@ -64,16 +87,26 @@ def test_git_commit_is_the_checked_out_commit(repo):
     assert provenance.sources_modified(repo) is False
 
 
-@pytest.mark.parametrize("rel", ["data/t.csv", "data/new.csv", "figures/f.png", "notebooks/executed/01_x.ipynb",
-                                 "notebooks/executed/02_y.ipynb", "README.md"])
+@pytest.mark.parametrize(
+    "rel",
+    [
+        "data/t.csv",
+        "data/new.csv",
+        "figures/f.png",
+        "notebooks/executed/01_x.ipynb",
+        "notebooks/executed/02_y.ipynb",
+        "README.md",
+    ],
+)
 def test_outputs_do_not_make_the_sources_modified(repo, rel):
     (repo / rel).write_text("written by a run\n")
     assert provenance.sources_modified(repo) is False
     assert provenance.git_commit(repo) == _git(repo, "rev-parse", "HEAD")[:12]  # no "-dirty"
 
 
-@pytest.mark.parametrize("rel", ["helpers/a.py", "helpers/new.py", "notebooks/01_x.ipynb", "params/p.yaml",
-                                 "pyproject.toml"])
+@pytest.mark.parametrize(
+    "rel", ["helpers/a.py", "helpers/new.py", "notebooks/01_x.ipynb", "params/p.yaml", "pyproject.toml"]
+)
 def test_edited_or_added_sources_are_modified(repo, rel):
     (repo / rel).write_text("edited\n")
     assert provenance.sources_modified(repo) is True

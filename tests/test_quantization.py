@@ -11,8 +11,24 @@ import torch
 from helpers import quantization as qz
 
 # bitsandbytes 0.50.2 get_4bit_type('nf4'), the table of QLoRA (arXiv 2305.14314), Appendix E
-NF4 = [-1.0, -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 0.0,
-       0.0796, 0.1609, 0.2461, 0.3379, 0.4407, 0.5626, 0.7230, 1.0]
+NF4 = [
+    -1.0,
+    -0.6962,
+    -0.5251,
+    -0.3949,
+    -0.2844,
+    -0.1848,
+    -0.0911,
+    0.0,
+    0.0796,
+    0.1609,
+    0.2461,
+    0.3379,
+    0.4407,
+    0.5626,
+    0.7230,
+    1.0,
+]
 
 
 def test_nf4_codebook_matches_the_bitsandbytes_table():

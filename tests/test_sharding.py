@@ -36,8 +36,9 @@ def test_fp32_split_over_cpu_and_disk_equals_one_device(loaded, tmp_path):
 @pytest.mark.models
 def test_fp32_auto_map_within_max_memory_equals_one_device(loaded, tmp_path):
     reference = _logits(loaded("fp32")[0])
-    auto, _ = methods.load("smollm2-135m", "fp32", device_map="auto", max_memory={"cpu": "250MB"},
-                           offload_folder=tmp_path)
+    auto, _ = methods.load(
+        "smollm2-135m", "fp32", device_map="auto", max_memory={"cpu": "250MB"}, offload_folder=tmp_path
+    )
     assert {"cpu", "disk"} <= set(auto.hf_device_map.values())  # 538 MB of weights do not fit in 250 MB
     assert torch.allclose(_logits(auto), reference, rtol=0, atol=1e-6)
 
@@ -68,8 +69,11 @@ def test_quantized_with_a_module_level_map_equals_one_device(four_layers, method
 def test_quantized_disk_offload_on_cpu_is_refused_up_front(monkeypatch):
     import transformers
 
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
-                        lambda *a, **k: pytest.fail("loaded before the placement was checked"))
+    monkeypatch.setattr(
+        transformers.AutoModelForCausalLM,
+        "from_pretrained",
+        lambda *a, **k: pytest.fail("loaded before the placement was checked"),
+    )
     for method in ("int8", "nf4-dq"):
         with pytest.raises(ValueError, match=f"^{method} cannot be offloaded to disk on CPU: .*max_memory") as err:
             methods.load("smollm2-135m", method, device_map=_split_map(20), offload_unquantized=True)
@@ -96,4 +100,6 @@ def test_offload_unquantized_reaches_bitsandbytes():
     for name in ("int8", "nf4"):
         spec = methods.get_method(name)
         assert not methods.quantization_config(spec, torch.float16).llm_int8_enable_fp32_cpu_offload
-        assert methods.quantization_config(spec, torch.float16, offload_unquantized=True).llm_int8_enable_fp32_cpu_offload
+        assert methods.quantization_config(
+            spec, torch.float16, offload_unquantized=True
+        ).llm_int8_enable_fp32_cpu_offload

@@ -66,8 +66,12 @@ def upstream(nb: Path) -> list[Path]:
 
 def errors_in(executed: Path) -> list[str]:
     cells = json.loads(executed.read_text())["cells"]
-    return [f"{o.get('ename')}: {o.get('evalue')}" for c in cells for o in c.get("outputs", [])
-            if o.get("output_type") == "error"]
+    return [
+        f"{o.get('ename')}: {o.get('evalue')}"
+        for c in cells
+        for o in c.get("outputs", [])
+        if o.get("output_type") == "error"
+    ]
 
 
 def has_fresh_outputs(nb: Path) -> bool:
@@ -76,14 +80,16 @@ def has_fresh_outputs(nb: Path) -> bool:
     if not executed.exists():
         return False
     stamp = json.loads(executed.read_text())["metadata"].get("compendium", {})
-    return (stamp.get("source_sha256") == runner.source_hash(nb)
-            and stamp.get("params_file", "").endswith(PARAMS_FILE.name) and not errors_in(executed))
+    return (
+        stamp.get("source_sha256") == runner.source_hash(nb)
+        and stamp.get("params_file", "").endswith(PARAMS_FILE.name)
+        and not errors_in(executed)
+    )
 
 
 def clear_outputs(nb: Path) -> None:
     """Remove what an earlier smoke run of ``nb`` left (tables, figures, executed copy, its stores)."""
-    doomed = [EXECUTED / nb.name, *DATA.glob(f"{nb.stem}_*"), *FIGURES.glob(f"{nb.stem}_*"),
-              *SMOKE.glob(f"{nb.stem}*")]
+    doomed = [EXECUTED / nb.name, *DATA.glob(f"{nb.stem}_*"), *FIGURES.glob(f"{nb.stem}_*"), *SMOKE.glob(f"{nb.stem}*")]
     for path in doomed:
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
@@ -108,8 +114,10 @@ class SmokeRuns:
             runner.run(PARAMS_FILE, only=[nb.stem])
             ran = True
         except SystemExit:
-            pytest.fail(f"{nb.name} failed with params/smoke.yaml (the runner's message names the cell); "
-                        f"executed copy with the traceback: {EXECUTED / nb.name}")
+            pytest.fail(
+                f"{nb.name} failed with params/smoke.yaml (the runner's message names the cell); "
+                f"executed copy with the traceback: {EXECUTED / nb.name}"
+            )
         finally:
             self.ok[nb.stem] = ran
 
@@ -136,9 +144,11 @@ CHECKS: dict[str, Callable[[], None]] = {}
 
 def checks(stem: str):
     """Register the checks of one notebook's smoke outputs."""
+
     def register(fn):
         CHECKS[stem] = fn
         return fn
+
     return register
 
 
@@ -232,7 +242,9 @@ def _check_03():
     p = meta["parameters"]
     assert len(summary) == len(p["models"]) * len(p["methods"]) * len(p["batch_sizes"])
     assert (summary.decode_tokens_per_s > 0).all()
-    assert ((summary.decode_min <= summary.decode_tokens_per_s) & (summary.decode_tokens_per_s <= summary.decode_max)).all()
+    assert (
+        (summary.decode_min <= summary.decode_tokens_per_s) & (summary.decode_tokens_per_s <= summary.decode_max)
+    ).all()
     for model, s in summary[summary.batch == 1].groupby("model"):
         b1 = s.set_index("method")
         # batch 1 reads every weight once per token: no method decodes faster than bandwidth / bytes per token

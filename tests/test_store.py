@@ -62,8 +62,9 @@ def test_resume_after_sigkill(tmp_path):
     finished_before = {p.name: p.stat().st_mtime_ns for p in folder.glob("*.csv")}
     assert 4 <= len(finished_before) < 12 and len(partial) == 50 * len(finished_before)
 
-    out = subprocess.run([sys.executable, str(script), str(folder)], capture_output=True, text=True, env=env,
-                         check=True).stdout
+    out = subprocess.run(
+        [sys.executable, str(script), str(folder)], capture_output=True, text=True, env=env, check=True
+    ).stdout
     full = store.read()
     assert len(full) == 12 * 50  # nothing lost
     assert not full.duplicated(["method", "temperature", "sample"]).any()  # nothing twice

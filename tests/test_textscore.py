@@ -29,9 +29,15 @@ def _brute(ref: torch.Tensor, x: torch.Tensor, y: int, T: float, k: int) -> dict
     lp, lq = dist(a), dist(b)
     p, q = lp.exp(), lq.exp()
     kl = float(torch.where(p > 0, p * (lp - lq), torch.zeros_like(p)).sum())
-    return {"p_true": float(q[y]), "logloss": float(-lq[y]), "ref_p_true": float(p[y]), "ref_logloss": float(-lp[y]),
-            "entropy": float(-torch.where(q > 0, q * lq, torch.zeros_like(q)).sum()), "kl": kl,
-            "tv": 0.5 * float((p - q).abs().sum())}
+    return {
+        "p_true": float(q[y]),
+        "logloss": float(-lq[y]),
+        "ref_p_true": float(p[y]),
+        "ref_logloss": float(-lp[y]),
+        "entropy": float(-torch.where(q > 0, q * lq, torch.zeros_like(q)).sum()),
+        "kl": kl,
+        "tv": 0.5 * float((p - q).abs().sum()),
+    }
 
 
 def test_block_sums_equal_float64_brute_force():
@@ -105,9 +111,21 @@ def _blocks(loss_by_method: dict[str, tuple[float, float]], n_blocks: int = 5) -
         for T, r in ((0.5, r_low), (1.0, r_high)):
             for b in range(n_blocks):
                 ref = 10.0 + b  # blocks differ; the ratio does not
-                rows.append({"model": "m", "method": method, "view": "nominal", "temperature": T, "top_k": 0,
-                             "doc": "d", "window": 0, "block": b, "n": 20, "p_true": (1 - r) * ref,
-                             "ref_p_true": ref})
+                rows.append(
+                    {
+                        "model": "m",
+                        "method": method,
+                        "view": "nominal",
+                        "temperature": T,
+                        "top_k": 0,
+                        "doc": "d",
+                        "window": 0,
+                        "block": b,
+                        "n": 20,
+                        "p_true": (1 - r) * ref,
+                        "ref_p_true": ref,
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -137,8 +155,9 @@ def test_double_quantized_twins_are_replicates_not_evidence():
 
 def test_matched_view_swaps_in_the_reference_at_the_effective_temperature():
     nominal = _blocks({"nf4": (0.2, 0.1)}).assign(ref_logloss=1.0, ref_temperature=np.nan)
-    matched = nominal[nominal.temperature > 0].assign(view="matched", ref_p_true=lambda d: d.p_true,
-                                                      ref_temperature=lambda d: 1.2 * d.temperature)
+    matched = nominal[nominal.temperature > 0].assign(
+        view="matched", ref_p_true=lambda d: d.p_true, ref_temperature=lambda d: 1.2 * d.temperature
+    )
     view = analysis.matched_view(pd.concat([nominal, matched]))
     assert (view.view == "matched").all() and len(view) == len(nominal)
     assert np.allclose(view.p_true, view.ref_p_true)  # a pure temperature shift: no loss left

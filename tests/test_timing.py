@@ -23,13 +23,16 @@ def test_generation_timing_arithmetic():
             t.e2e_tokens_per_s_at(bad)
 
 
-@pytest.mark.parametrize("kwargs, pattern", [
-    (dict(batch_sizes=[], max_new_tokens=[16], repeats=5, warmup=1), "batch_sizes"),
-    (dict(batch_sizes=[1], max_new_tokens=[0], repeats=5, warmup=1), "max_new_tokens"),
-    (dict(batch_sizes=[1], max_new_tokens=[1], repeats=5, warmup=1), "prefill"),
-    (dict(batch_sizes=[1], max_new_tokens=[16], repeats=0, warmup=1), "repeats"),
-    (dict(batch_sizes=[1], max_new_tokens=[16], repeats=5, warmup=-1), "warmup"),
-])
+@pytest.mark.parametrize(
+    "kwargs, pattern",
+    [
+        (dict(batch_sizes=[], max_new_tokens=[16], repeats=5, warmup=1), "batch_sizes"),
+        (dict(batch_sizes=[1], max_new_tokens=[0], repeats=5, warmup=1), "max_new_tokens"),
+        (dict(batch_sizes=[1], max_new_tokens=[1], repeats=5, warmup=1), "prefill"),
+        (dict(batch_sizes=[1], max_new_tokens=[16], repeats=0, warmup=1), "repeats"),
+        (dict(batch_sizes=[1], max_new_tokens=[16], repeats=5, warmup=-1), "warmup"),
+    ],
+)
 def test_bad_benchmark_settings_fail_in_one_line(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern) as err:
         timing.validate(**kwargs)
@@ -159,8 +162,9 @@ def test_cuda_branch_memory_counters_are_reset_synchronized_and_named(monkeypatc
 
 # --------------------------------------------------------------------------- C4 / C5 verdicts, by hand
 def _summary(speeds: dict[str, float], **keys) -> pd.DataFrame:
-    return pd.DataFrame([{"model": "m", "batch": 1, **keys, "method": k, "decode_tokens_per_s": v}
-                         for k, v in speeds.items()])
+    return pd.DataFrame(
+        [{"model": "m", "batch": 1, **keys, "method": k, "decode_tokens_per_s": v} for k, v in speeds.items()]
+    )
 
 
 def _verdict(v: pd.DataFrame, claim: str) -> pd.Series:
@@ -200,14 +204,23 @@ def test_groups_without_16_bit_or_int8():
 
 
 def test_verdicts_per_hardware_class_model_and_batch():
-    s = pd.concat([_summary({"fp16": 20, "int8": 4}, hardware_class="cpu-a"),
-                   _summary({"fp16": 20, "int8": 16}, hardware_class="cpu-b"),
-                   _summary({"fp16": 10, "fp32": 12}, hardware_class="cpu-b", batch=8)])
+    s = pd.concat(
+        [
+            _summary({"fp16": 20, "int8": 4}, hardware_class="cpu-a"),
+            _summary({"fp16": 20, "int8": 16}, hardware_class="cpu-b"),
+            _summary({"fp16": 10, "fp32": 12}, hardware_class="cpu-b", batch=8),
+        ]
+    )
     v = timing.c4_c5_verdicts(s)
     assert list(v.columns) == ["claim", "hardware_class", "model", "batch", "verdict", "ratio", "numbers"]
     got = {(r.hardware_class, r.batch, r.claim): r.verdict for r in v.itertuples()}
-    assert got == {("cpu-a", 1, "C4"): "holds", ("cpu-a", 1, "C5"): "holds", ("cpu-b", 1, "C4"): "does not hold",
-                   ("cpu-b", 1, "C5"): "holds", ("cpu-b", 8, "C5"): "does not hold"}
+    assert got == {
+        ("cpu-a", 1, "C4"): "holds",
+        ("cpu-a", 1, "C5"): "holds",
+        ("cpu-b", 1, "C4"): "does not hold",
+        ("cpu-b", 1, "C5"): "holds",
+        ("cpu-b", 8, "C5"): "does not hold",
+    }
 
 
 def test_speed_ratios_by_hand():
@@ -226,9 +239,13 @@ def test_litgpt_a100_table_gives_its_own_ratios():
 
 
 def test_side_by_side_puts_each_class_in_a_column():
-    s = pd.concat([_summary({"fp16": 20, "int8": 4}, hardware_class="cpu-avx2"),
-                   _summary({"fp16": 20, "int8": 16}, hardware_class="cpu-avx512bf16"),
-                   _summary({"fp16": 10, "fp32": 12}, hardware_class="cpu-avx2", batch=8)])
+    s = pd.concat(
+        [
+            _summary({"fp16": 20, "int8": 4}, hardware_class="cpu-avx2"),
+            _summary({"fp16": 20, "int8": 16}, hardware_class="cpu-avx512bf16"),
+            _summary({"fp16": 10, "fp32": 12}, hardware_class="cpu-avx2", batch=8),
+        ]
+    )
     ref = timing.c4_c5_verdicts(timing.litgpt_a100_summary())
     wide = timing.side_by_side(timing.c4_c5_verdicts(s), ref)
     assert list(wide.columns) == ["cpu-avx2", "cpu-avx512bf16", "lit-gpt A100 (falcon-7b, batch 1)"]
@@ -238,10 +255,20 @@ def test_side_by_side_puts_each_class_in_a_column():
 
 # --------------------------------------------------------------------------- summaries and hardware classes
 def _runs(speeds: list[float], **extra) -> pd.DataFrame:
-    return pd.DataFrame({"model": "m", "method": "fp32", "batch": 1, "run": range(len(speeds)),
-                         "decode_tokens_per_s": speeds, "ttft_s": [0.1 * (i + 1) for i in range(len(speeds))],
-                         "load_average": [1.0, 3.0, 2.0][: len(speeds)], "bytes_per_token": 2 * 10**9,
-                         "weights_MiB": 100.0, **extra})
+    return pd.DataFrame(
+        {
+            "model": "m",
+            "method": "fp32",
+            "batch": 1,
+            "run": range(len(speeds)),
+            "decode_tokens_per_s": speeds,
+            "ttft_s": [0.1 * (i + 1) for i in range(len(speeds))],
+            "load_average": [1.0, 3.0, 2.0][: len(speeds)],
+            "bytes_per_token": 2 * 10**9,
+            "weights_MiB": 100.0,
+            **extra,
+        }
+    )
 
 
 def test_summarize_by_hand():
@@ -257,8 +284,12 @@ def test_class_tables_and_summaries_read_every_class(tmp_path):
     save_table(new, tmp_path / f"{nb}_cpu-avx512bf16_summary.csv", notebook=nb, parameters={"repeats": 3})
     # a table written before the class and length columns existed: both come from its name and provenance
     old = timing.summarize(_runs([20.0]), 30.0)
-    save_table(old, tmp_path / f"{nb}_cpu-avx2_summary.csv", notebook=nb,
-               parameters={"repeats": 5, "max_new_tokens": [2, 4], "prompt_tokens": 16})
+    save_table(
+        old,
+        tmp_path / f"{nb}_cpu-avx2_summary.csv",
+        notebook=nb,
+        parameters={"repeats": 5, "max_new_tokens": [2, 4], "prompt_tokens": 16},
+    )
     for other in ("summary", "c4_c5_by_class"):  # not a class's table
         save_table(old, tmp_path / f"{nb}_{other}.csv", notebook=nb, parameters={})
     assert list(timing.class_tables(tmp_path, nb, "summary")) == ["cpu-avx2", "cpu-avx512bf16"]
@@ -293,9 +324,19 @@ def _tiny_model(tied: bool = True):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=tied,
-                      pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        tie_word_embeddings=tied,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=1,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -313,9 +354,17 @@ def test_memory_breakdown_parts_add_up(tied):
 
 
 def _bench(tmp_path, loads: list, **settings):
-    cfg = timing.SpeedConfig(models=["tiny"], methods=["fp32"], batch_sizes=settings.pop("batch_sizes", [1]),
-                             max_new_tokens=[1, 2, 4], prompt_tokens=6, repeats=settings.pop("repeats", 2),
-                             warmup=1, threads=torch.get_num_threads(), **settings)
+    cfg = timing.SpeedConfig(
+        models=["tiny"],
+        methods=["fp32"],
+        batch_sizes=settings.pop("batch_sizes", [1]),
+        max_new_tokens=[1, 2, 4],
+        prompt_tokens=6,
+        repeats=settings.pop("repeats", 2),
+        warmup=1,
+        threads=torch.get_num_threads(),
+        **settings,
+    )
 
     def load(model, method):
         loads.append((model, method))
@@ -332,8 +381,16 @@ def test_a_timed_unit_is_stored_once_and_not_recomputed(tmp_path):
     assert bench.run(notebook="test") == 1 and loads == [("tiny", "fp32")]
     runs = bench.collect()
     assert len(runs) == 2 and (runs.decode_tokens_per_s > 0).all()
-    assert {"e2e_tokens_per_s_1", "e2e_tokens_per_s_4", "embedding_MiB", "quant_state_MiB", "bytes_per_token",
-            "hardware_class", "device_kind", "new_tokens"} <= set(runs.columns)
+    assert {
+        "e2e_tokens_per_s_1",
+        "e2e_tokens_per_s_4",
+        "embedding_MiB",
+        "quant_state_MiB",
+        "bytes_per_token",
+        "hardware_class",
+        "device_kind",
+        "new_tokens",
+    } <= set(runs.columns)
     assert (runs.new_tokens == 4).all() and (runs.hardware_class == timing.hardware_class("cpu")).all()
 
     again = _bench(tmp_path, loads)  # a rerun: nothing to time, the same rows
@@ -358,8 +415,9 @@ def test_speed_config_fails_in_one_line_before_loading(tmp_path):
     with pytest.raises(ValueError, match="prompt_tokens"):
         timing.SpeedConfig(models=["tiny"], methods=["fp32"], prompt_tokens=0).validate()
     with pytest.raises(ValueError, match="configure_threads"):
-        timing.SpeedBenchmark(timing.SpeedConfig(models=["tiny"], methods=["fp32"], threads=torch.get_num_threads() + 1),
-                              tmp_path, "text")
+        timing.SpeedBenchmark(
+            timing.SpeedConfig(models=["tiny"], methods=["fp32"], threads=torch.get_num_threads() + 1), tmp_path, "text"
+        )
 
 
 def test_prompt_inputs_and_harness_check():
@@ -367,7 +425,9 @@ def test_prompt_inputs_and_harness_check():
     assert inputs["input_ids"].shape == (3, 5) and inputs["attention_mask"].sum() == 15
     with pytest.raises(ValueError, match="fewer than prompt_tokens"):
         timing.prompt_inputs(_CharTokenizer(), "abc", 5, 1)
-    h = timing.harness_check(_tiny_model(), timing.prompt_inputs(_CharTokenizer(), "abcdefgh", 5, 1), _CharTokenizer(), 4, 3)
+    h = timing.harness_check(
+        _tiny_model(), timing.prompt_inputs(_CharTokenizer(), "abcdefgh", 5, 1), _CharTokenizer(), 4, 3
+    )
     assert list(h.columns) == ["bare_s", "harness_s"] and len(h) == 3 and (h > 0).all().all()
 
 

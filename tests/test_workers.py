@@ -33,9 +33,26 @@ def _units(store: Path) -> dict[str, pd.DataFrame]:
 def test_two_processes_compute_every_unit_once_with_one_process_results(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two, one = tmp_path / "two", tmp_path / "one"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "-m", "helpers.workers", "--params", str(_params(tmp_path, two)), "--only", "04"]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "helpers.workers",
+        "--params",
+        str(_params(tmp_path, two)),
+        "--only",
+        "04",
+    ]
     out = subprocess.run(launch, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "[process 0/2]" in out.stdout and "[process 1/2]" in out.stdout
@@ -44,8 +61,10 @@ def test_two_processes_compute_every_unit_once_with_one_process_results(tmp_path
     assert out.returncode == 0, out.stderr[-3000:]
     shared, alone = _units(two), _units(one)
     assert len(shared) == 2 and shared.keys() == alone.keys()  # nf4 and fp4, stored once each (same keys)
-    writers = {json.loads((two / "running_text" / n).with_suffix(".provenance.json").read_text())["unit_key"]["method"]
-               for n in shared}
+    writers = {
+        json.loads((two / "running_text" / n).with_suffix(".provenance.json").read_text())["unit_key"]["method"]
+        for n in shared
+    }
     assert writers == {"nf4", "fp4"}
     for name in shared:
         pd.testing.assert_frame_equal(shared[name], alone[name])

