@@ -246,3 +246,55 @@ def test_top_k_kl_at_low_temperature_is_finite_for_identical_kept_sets():
     x2[0, 4] = -40.0
     rows = sampling.next_token_measures(ref, x2, [0.05, 1.0], [5])
     assert all(r["kl"] == float("inf") for r in rows if r["temperature"] > 0)
+
+
+def test_loop_tokens_on_hand_made_sequences():
+    assert sampling.loop_tokens([]) == 0 and sampling.loop_tokens([1]) == 0 and sampling.loop_tokens([1, 2, 3, 4]) == 0
+    assert sampling.loop_tokens([5, 5]) == 2  # one token twice: period 1, two copies
+    assert sampling.loop_tokens([1, 2, 3, 1, 2]) == 0  # period 3 but fewer than two full copies
+    assert sampling.loop_tokens([9, 1, 2, 3, 1, 2, 3, 1]) == 7  # "1 2 3 1 2 3 1": period 3, partial copy included
+    assert sampling.loop_tokens([4, 7, 7, 7, 7]) == 4
+    assert sampling.loop_tokens([10, 11] + [7, 8] * 5) == 10  # period 2 (and 4, 6, 8: the same suffix)
+    assert sampling.loop_tokens([1, 1, 1, 1, 2, 3]) == 0  # a loop that the text has left does not count
+    sentence = list(range(100, 116))  # a 16-token sentence said twice
+    assert sampling.loop_tokens([1, 2] + sentence * 2) == 32
+    assert sampling.loop_tokens([1, 2] + sentence * 2, max_period=15) == 0
+    assert sampling.LOOP_MIN_TOKENS == 8 and sampling.LOOP_MAX_PERIOD == 16
+
+
+def test_diverge_at_on_hand_made_sequences():
+    assert sampling.diverge_at([1, 2, 3], [1, 2, 4]) == 2
+    assert sampling.diverge_at([1, 2, 3], [1, 2, 3]) == 3
+    assert sampling.diverge_at([5], [6]) == 0
+    assert sampling.diverge_at([1, 2], [1, 2, 3]) == 2 and sampling.diverge_at([], [1]) == 0
+
+
+@pytest.mark.parametrize("V,k", [(4, 0), (3000, 0), (3000, 7), (4096, 50)])
+def test_two_level_inverse_cdf_matches_one_float64_cumulative_sum(V, k):
+    torch.manual_seed(V + k)
+    logits = torch.randn(256, V) * 4
+    logits[:8, :-1] = -1e4  # all the mass on the last token (the padded tail block when V % 1024 != 0)
+    probs = sampling.next_token_probs(logits, 0.9, k)
+    u = sampling.step_uniforms(torch.arange(256), V)
+    cdf = probs.double().cumsum(-1)
+    expected = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:]).squeeze(1)
+    got = sampling.inverse_cdf(probs, u)
+    assert torch.equal(got, expected)
+    assert (probs.gather(1, got[:, None]) > 0).all()  # never a token of probability 0
+    assert torch.equal(sampling.inverse_cdf(probs, u, block=64), expected)
+
+
+@pytest.mark.models
+def test_sequences_of_different_settings_share_a_batch(loaded):
+    model, tok = loaded("fp32")
+    prompts = ["The capital of France is", "Once upon a time, a small dog", "1, 2, 3,", "Hello there"]
+    seeds = [sampling.sequence_seed(p, 0) for p in prompts]
+    temperatures, top_ks = [0.0, 0.7, 1.5, 0.7], [0, 0, 0, 5]
+    mixed = sampling.generate(model, tok, prompts, seeds, temperatures, top_ks, 8, with_nll=True)
+    for i, p in enumerate(prompts):
+        alone = sampling.generate(model, tok, [p], [seeds[i]], temperatures[i], top_ks[i], 8)
+        assert torch.equal(alone.tokens[0], mixed.tokens[i])
+    # the NLL the generating model gives its own tokens is the reference NLL of a separate pass
+    assert torch.allclose(mixed.nll, sampling.reference_nll(model, mixed.prompt_ids, mixed.tokens), atol=1e-4)
+    with pytest.raises(ValueError, match="temperature"):
+        sampling.generate(model, tok, prompts, seeds, [0.7, 1.0], 0, 2)
