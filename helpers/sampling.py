@@ -35,8 +35,9 @@ MASK32 = 0xFFFFFFFF
 # --------------------------------------------------------------------------- validation
 def validate(temperature: float | None = None, top_k: int | None = None, max_new_tokens: int | None = None) -> None:
     """Reject invalid sampling settings with a one-line reason (``None`` skips a check)."""
-    if temperature is not None and (not isinstance(temperature, (int, float)) or not math.isfinite(temperature)
-                                    or temperature < 0):
+    if temperature is not None and (
+        not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0
+    ):
         raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
     if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0):
         raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
@@ -73,8 +74,13 @@ def next_token_probs(logits: torch.Tensor, temperature: float, top_k: int = 0) -
     return torch.softmax(x / temperature, dim=-1)
 
 
-def next_token_measures(ref_logits: torch.Tensor, logits: torch.Tensor, temperatures: list[float],
-                        top_ks: list[int], answer_ids: torch.Tensor | None = None) -> list[dict]:
+def next_token_measures(
+    ref_logits: torch.Tensor,
+    logits: torch.Tensor,
+    temperatures: list[float],
+    top_ks: list[int],
+    answer_ids: torch.Tensor | None = None,
+) -> list[dict]:
     """Exact divergences between the reference and a method's next-token distributions.
 
     ``ref_logits`` and ``logits`` are ``[P, V]`` (one row per prompt, last position). Returns one
@@ -101,8 +107,9 @@ def next_token_measures(ref_logits: torch.Tensor, logits: torch.Tensor, temperat
     if kmax:
         ref_vals, ref_idx = ref.topk(kmax, dim=-1)  # sorted, exactly kmax per row
         x_vals, x_idx = x.topk(kmax, dim=-1)
-    cols: dict[str, list[torch.Tensor]] = {c: [] for c in ("tv", "kl", "entropy", "p_answer", "ref_p_answer",
-                                                           "logp_answer", "ref_logp_answer")}
+    cols: dict[str, list[torch.Tensor]] = {
+        c: [] for c in ("tv", "kl", "entropy", "p_answer", "ref_p_answer", "logp_answer", "ref_logp_answer")
+    }
     grid: list[tuple[float, int]] = []  # (T, k) of each emitted block, as given (no float32 rounding)
 
     def emit(T, k, *values):
@@ -129,10 +136,18 @@ def next_token_measures(ref_logits: torch.Tensor, logits: torch.Tensor, temperat
         # every kept token has p > 0 (however small), so KL is infinite when the kept sets differ
         kl = torch.where(found.all(-1), (p * (log_p - log_q.gather(2, pos))).sum(-1), float("inf"))
         # log p of the answer: -inf where it is not among the kept tokens
-        logp_ans = [torch.where(hit, lg, float("-inf")).amax(-1)
-                    for hit, lg in (((idx_q == ans)[:, None, :], log_q), ((idx_p == ans)[:, None, :], log_p))]
-        sparse[k] = [1 - torch.minimum(p, q_at_p).sum(-1), kl, -(q * log_q).sum(-1),
-                     logp_ans[0].exp(), logp_ans[1].exp(), *logp_ans]
+        logp_ans = [
+            torch.where(hit, lg, float("-inf")).amax(-1)
+            for hit, lg in (((idx_q == ans)[:, None, :], log_q), ((idx_p == ans)[:, None, :], log_p))
+        ]
+        sparse[k] = [
+            1 - torch.minimum(p, q_at_p).sum(-1),
+            kl,
+            -(q * log_q).sum(-1),
+            logp_ans[0].exp(),
+            logp_ans[1].exp(),
+            *logp_ans,
+        ]
     for T in temperatures:
         if T == 0:
             zero, agree = torch.zeros(P), top1.float()
@@ -155,12 +170,35 @@ def next_token_measures(ref_logits: torch.Tensor, logits: torch.Tensor, temperat
     temps = [T for T, _ in grid for _ in range(P)]
     ks = [k for _, k in grid for _ in range(P)]
     index, answered, agree = list(range(P)) * n, has_answer.tolist() * n, top1.tolist() * n
-    return [{"prompt_index": i, "temperature": T, "top_k": k, "tv": tv, "kl": kl, "top1_agree": a,
-             "entropy": e, "p_answer": pa if h else nan, "ref_p_answer": rpa if h else nan,
-             "logp_answer": lpa if h else nan, "ref_logp_answer": rlpa if h else nan}
-            for i, T, k, tv, kl, a, e, pa, rpa, lpa, rlpa, h in zip(
-                index, temps, ks, out["tv"], out["kl"], agree, out["entropy"], out["p_answer"], out["ref_p_answer"],
-                out["logp_answer"], out["ref_logp_answer"], answered)]
+    return [
+        {
+            "prompt_index": i,
+            "temperature": T,
+            "top_k": k,
+            "tv": tv,
+            "kl": kl,
+            "top1_agree": a,
+            "entropy": e,
+            "p_answer": pa if h else nan,
+            "ref_p_answer": rpa if h else nan,
+            "logp_answer": lpa if h else nan,
+            "ref_logp_answer": rlpa if h else nan,
+        }
+        for i, T, k, tv, kl, a, e, pa, rpa, lpa, rlpa, h in zip(
+            index,
+            temps,
+            ks,
+            out["tv"],
+            out["kl"],
+            agree,
+            out["entropy"],
+            out["p_answer"],
+            out["ref_p_answer"],
+            out["logp_answer"],
+            out["ref_logp_answer"],
+            answered,
+        )
+    ]
 
 
 def row_argmax(x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
@@ -195,8 +233,9 @@ LOG2E = 1.0 / math.log(2.0)
 EXP2_ZERO = -150.0  # float32 exp2(y) is exactly 0.0 for y < -150 (below the smallest subnormal)
 
 
-def _dense_measures(ref: torch.Tensor, x: torch.Tensor, temperatures: list[float],
-                    ans: torch.Tensor) -> dict[float, tuple[torch.Tensor, ...]]:
+def _dense_measures(
+    ref: torch.Tensor, x: torch.Tensor, temperatures: list[float], ans: torch.Tensor
+) -> dict[float, tuple[torch.Tensor, ...]]:
     """(tv, kl, entropy, p_answer, ref_p_answer, logp_answer, ref_logp_answer) per prompt for each
     T > 0, top-k off.
 
@@ -255,8 +294,14 @@ def dense_workspace(V: int) -> list[torch.Tensor]:
     return [torch.empty(n) for n in (5 * V, 5 * V, 2 * V, V)]
 
 
-def _dense_row(ref: torch.Tensor, x: torch.Tensor, temperatures: list[float], order: list[int],
-               j: int, workspace: list[torch.Tensor] | None = None) -> torch.Tensor:
+def _dense_row(
+    ref: torch.Tensor,
+    x: torch.Tensor,
+    temperatures: list[float],
+    order: list[int],
+    j: int,
+    workspace: list[torch.Tensor] | None = None,
+) -> torch.Tensor:
     """``[T, 7]`` float64: (tv, kl, entropy, p_answer, ref_p_answer, logp_answer, ref_logp_answer)
     for one prompt (see above).
 
@@ -265,7 +310,7 @@ def _dense_row(ref: torch.Tensor, x: torch.Tensor, temperatures: list[float], or
     block, spare, e_buf, diff_buf = workspace if workspace is not None else dense_workspace(V)
     # one [5, V] block, so that dropping tokens is one index_select: a and b in base 2, a - b, b,
     # and the larger of the two base-2 logits (which decides when a token's weight is zero)
-    rows = block[:5 * V].view(5, V)
+    rows = block[: 5 * V].view(5, V)
     torch.sub(ref, ref.max(), out=rows[0])  # a (shifted to max 0)
     torch.sub(x, x.max(), out=rows[3])  # b
     aj, bj = float(rows[0, j]), float(rows[3, j])
@@ -275,7 +320,7 @@ def _dense_row(ref: torch.Tensor, x: torch.Tensor, temperatures: list[float], or
     torch.maximum(rows[0], rows[1], out=rows[4])
     sample = rows[4, ::64].sort().values  # predicts how many tokens a threshold keeps
     n = V
-    e, diff = e_buf[:2 * n].view(2, n), diff_buf[:n]
+    e, diff = e_buf[: 2 * n].view(2, n), diff_buf[:n]
     result = torch.empty(len(temperatures), 7, dtype=torch.float64)
     for t in order:
         s = 1.0 / temperatures[t]
@@ -283,21 +328,25 @@ def _dense_row(ref: torch.Tensor, x: torch.Tensor, temperatures: list[float], or
         if kept * V < PRUNE_SHRINK * n:
             keep = (rows[4] > EXP2_ZERO / s).nonzero().squeeze(1)
             n = len(keep)
-            rows = torch.index_select(rows, 1, keep, out=spare[:5 * n].view(5, n))
+            rows = torch.index_select(rows, 1, keep, out=spare[: 5 * n].view(5, n))
             block, spare = spare, block  # the kept tokens now live in the other buffer
-            e, diff = e_buf[:2 * n].view(2, n), diff_buf[:n]
+            e, diff = e_buf[: 2 * n].view(2, n), diff_buf[:n]
         torch.exp2(torch.mul(rows[:2], s, out=e), out=e)  # e = exp(logits / T), max 1
         za, zb = e.sum(1).tolist()
         ea, eb = e[0], e[1]
         lza, lzb = math.log(za), math.log(zb)
-        result[t] = torch.tensor((
-            0.5 * float(torch.sub(ea, eb, alpha=za / zb, out=diff).abs_().sum()) / za,
-            float(torch.dot(ea, rows[2])) * s / za - (lza - lzb),
-            lzb - float(torch.dot(eb, rows[3])) * s / zb,
-            math.exp(bj * s) / zb,
-            math.exp(aj * s) / za,
-            bj * s - lzb,
-            aj * s - lza), dtype=torch.float64)
+        result[t] = torch.tensor(
+            (
+                0.5 * float(torch.sub(ea, eb, alpha=za / zb, out=diff).abs_().sum()) / za,
+                float(torch.dot(ea, rows[2])) * s / za - (lza - lzb),
+                lzb - float(torch.dot(eb, rows[3])) * s / zb,
+                math.exp(bj * s) / zb,
+                math.exp(aj * s) / za,
+                bj * s - lzb,
+                aj * s - lza,
+            ),
+            dtype=torch.float64,
+        )
     return result
 
 

@@ -22,7 +22,7 @@ costs about 30% less per sequence than six of 72), and stored one unit at a time
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -123,6 +123,11 @@ class SweepConfig:
     n_seeds: int = 5
     base_seed: int = 0
     batch_size: int = 64
+
+    @classmethod
+    def from_parameters(cls, values: dict[str, Any]) -> SweepConfig:
+        """The configuration from notebook 02's parameters (the names are the fields')."""
+        return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
 
     def validate(self) -> None:
         """Every check that needs no model: fails in one line before any heavy work."""
@@ -260,9 +265,19 @@ class Sweep:
         ]
         return pd.DataFrame(rows)
 
-    def run(self) -> None:
-        """Compute every pending unit; each is stored the moment it is finished."""
-        todo = self.pending()
+    def run(self, workers=None) -> None:
+        """Compute every pending unit; each is stored the moment it is finished.
+
+        ``workers`` (:class:`helpers.workers.Workers`): compute only this process's share. The
+        reference's units go first, in a phase of their own, because the other methods' generations
+        are compared with the reference's."""
+        share = workers.share if workers is not None else list
+        self._run(share([u for u in self.pending() if u[2] == self.cfg.reference]))
+        if workers is not None:
+            workers.wait()
+        self._run(share(self.pending()))
+
+    def _run(self, todo: list[tuple]) -> None:
         bar = self.progress(total=len(todo), desc="sweep units") if todo else None
         for model_name in self.cfg.models:
             units = [u for u in todo if u[1] == model_name]

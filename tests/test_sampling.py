@@ -11,9 +11,13 @@ from helpers import sampling
 
 
 def test_validation_messages_are_one_line():
-    for kwargs, pattern in [({"temperature": -0.1}, "temperature"), ({"temperature": float("nan")}, "temperature"),
-                            ({"top_k": -1}, "top_k"), ({"top_k": 2.5}, "top_k"),
-                            ({"max_new_tokens": 0}, "max_new_tokens")]:
+    for kwargs, pattern in [
+        ({"temperature": -0.1}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_k": -1}, "top_k"),
+        ({"top_k": 2.5}, "top_k"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+    ]:
         with pytest.raises(ValueError, match=pattern) as err:
             sampling.validate(**kwargs)
         assert "\n" not in str(err.value)
