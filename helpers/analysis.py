@@ -400,3 +400,13 @@ def bonferroni_level(n_statistics: int, level: float = 0.95) -> float:
     if n_statistics < 1:
         raise ValueError(f"need at least one statistic, got {n_statistics}")
     return 1 - (1 - level) / n_statistics
+
+
+def paired_differences(generations: pd.DataFrame, value: str, reference: str = "fp32") -> pd.DataFrame:
+    """Each method's ``value`` minus the reference's on the same generation slot (model, T, top-k,
+    length, prompt and sample: the same random numbers), one row per slot and method; the
+    reference's own rows are left out. What :func:`mean_ci_by` then averages, prompt by prompt."""
+    key = ["model", "temperature", "top_k", "max_new_tokens", "prompt_id", "sample"]
+    ref = generations[generations.method == reference].set_index(key)[value].rename("ref_value")
+    out = generations[generations.method != reference].join(ref, on=key)
+    return out.assign(diff=out[value] - out.ref_value).dropna(subset=["diff"])

@@ -172,3 +172,17 @@ def test_loss_curve_and_bonferroni():
     assert analysis.bonferroni_level(10) == pytest.approx(0.995)
     with pytest.raises(ValueError):
         analysis.bonferroni_level(0)
+
+
+def test_paired_differences_match_slots_and_average_per_prompt():
+    rows = []
+    for method, shift in (("fp32", 0.0), ("nf4", 0.5)):
+        for prompt, base in (("a", 1.0), ("b", 3.0)):
+            for sample in (0, 1):
+                rows.append({"model": "m", "method": method, "temperature": 1.0, "top_k": 0, "max_new_tokens": 8,
+                             "prompt_id": prompt, "sample": sample, "ref_nll": base + sample + shift})
+    diff = analysis.paired_differences(pd.DataFrame(rows), "ref_nll")
+    assert set(diff.method) == {"nf4"} and np.allclose(diff["diff"], 0.5)
+    ci = analysis.mean_ci_by(diff, ["method"], "diff", n_boot=50)
+    assert ci["mean"].iloc[0] == pytest.approx(0.5) and ci.low.iloc[0] == pytest.approx(0.5)
+    assert ci.prompts.iloc[0] == 2
