@@ -179,8 +179,18 @@ def test_paired_differences_match_slots_and_average_per_prompt():
     for method, shift in (("fp32", 0.0), ("nf4", 0.5)):
         for prompt, base in (("a", 1.0), ("b", 3.0)):
             for sample in (0, 1):
-                rows.append({"model": "m", "method": method, "temperature": 1.0, "top_k": 0, "max_new_tokens": 8,
-                             "prompt_id": prompt, "sample": sample, "ref_nll": base + sample + shift})
+                rows.append(
+                    {
+                        "model": "m",
+                        "method": method,
+                        "temperature": 1.0,
+                        "top_k": 0,
+                        "max_new_tokens": 8,
+                        "prompt_id": prompt,
+                        "sample": sample,
+                        "ref_nll": base + sample + shift,
+                    }
+                )
     diff = analysis.paired_differences(pd.DataFrame(rows), "ref_nll")
     assert set(diff.method) == {"nf4"} and np.allclose(diff["diff"], 0.5)
     ci = analysis.mean_ci_by(diff, ["method"], "diff", n_boot=50)
