@@ -200,6 +200,24 @@ def band_sums(blocks: pd.DataFrame, band: Sequence[float], column: str) -> pd.Se
     return rows.groupby(BLOCK_KEY)[column].mean()
 
 
+def columns_ci(
+    columns: dict[str, np.ndarray],
+    statistic: Callable[[dict[str, np.ndarray]], np.ndarray],
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """``(estimate, low, high)`` of ``statistic`` of the named columns' means over rows (blocks or
+    spans of text), resampling rows with all their columns together: a paired bootstrap.
+
+    ``columns`` map names to equally long arrays (sums per block, say); ``statistic`` receives
+    their means over the resampled rows (``[n_boot]`` arrays), so a ratio of two columns is a
+    ratio of totals."""
+    names = list(columns)
+    x = np.column_stack([np.asarray(columns[n], dtype=np.float64) for n in names])
+    return bootstrap_ci_of(x, lambda m: statistic({n: m[..., i] for i, n in enumerate(names)}), n_boot, level, seed)
+
+
 def contrast_ci(
     columns: dict[str, pd.Series],
     statistic: Callable[[dict[str, np.ndarray]], np.ndarray],
@@ -207,13 +225,9 @@ def contrast_ci(
     level: float = 0.95,
     seed: int = 0,
 ) -> tuple[float, float, float]:
-    """``statistic`` of the named columns' means over blocks, with a paired bootstrap interval
-    (all columns of a block resampled together)."""
+    """:func:`columns_ci` of series aligned on their index (blocks), rows with a gap left out."""
     table = pd.concat(columns, axis=1).dropna()
-    names = list(table.columns)
-    return bootstrap_ci_of(
-        table.to_numpy(), lambda m: statistic({n: m[..., i] for i, n in enumerate(names)}), n_boot, level, seed
-    )
+    return columns_ci({n: table[n].to_numpy() for n in table.columns}, statistic, n_boot, level, seed)
 
 
 def loss(method_sum: np.ndarray, reference_sum: np.ndarray) -> np.ndarray:

@@ -27,14 +27,14 @@ import math
 import re
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Iterable
 
 import numpy as np
 import pandas as pd
 import torch
 
 from . import methods as registry
-from .analysis import bootstrap_ci_of
+from .analysis import columns_ci
 from .runtime import synchronize
 
 LN2 = math.log(2)
@@ -225,34 +225,16 @@ def score(
 
 
 # --------------------------------------------------------------------------- paired intervals
-def span_ci(
-    columns: dict[str, np.ndarray],
-    statistic: Callable[[dict[str, np.ndarray]], np.ndarray],
-    n_boot: int = 1000,
-    level: float = 0.95,
-    seed: int = 0,
-) -> tuple[float, float, float]:
-    """``(estimate, low, high)`` of ``statistic`` of per-span sums, resampling spans (all columns
-    of a span together: a paired bootstrap).
-
-    ``columns`` map names to ``[n_spans]`` sums; ``statistic`` receives their *means* over the
-    resampled spans (``[n_boot]`` arrays), so it must be a function of ratios of columns, such as
-    ``nll / bytes``."""
-    names = list(columns)
-    x = np.column_stack([np.asarray(columns[n], dtype=np.float64) for n in names])
-    return bootstrap_ci_of(x, lambda m: statistic({n: m[..., i] for i, n in enumerate(names)}), n_boot, level, seed)
-
-
 def bpb_ci(nll: np.ndarray, n_bytes: np.ndarray, **kw) -> tuple[float, float, float]:
     """Bits per byte ``sum nll / ln 2 / sum bytes`` (per-span sums) with its interval."""
-    return span_ci({"nll": nll, "bytes": n_bytes}, lambda c: c["nll"] / c["bytes"] / LN2, **kw)
+    return columns_ci({"nll": nll, "bytes": n_bytes}, lambda c: c["nll"] / c["bytes"] / LN2, **kw)
 
 
 def bpb_difference_ci(
     nll_a: np.ndarray, bytes_a: np.ndarray, nll_b: np.ndarray, bytes_b: np.ndarray, **kw
 ) -> tuple[float, float, float]:
     """Bits per byte of A minus that of B on the same spans (negative: A is better), paired."""
-    return span_ci(
+    return columns_ci(
         {"na": nll_a, "ba": bytes_a, "nb": nll_b, "bb": bytes_b},
         lambda c: (c["na"] / c["ba"] - c["nb"] / c["bb"]) / LN2,
         **kw,
@@ -261,13 +243,13 @@ def bpb_difference_ci(
 
 def perplexity_change_ci(nll_a: np.ndarray, nll_b: np.ndarray, tokens: np.ndarray, **kw) -> tuple[float, float, float]:
     """``ppl_A / ppl_B - 1`` for two scorings of the same tokens (per-span sums), paired."""
-    est, low, high = span_ci({"a": nll_a, "b": nll_b, "n": tokens}, lambda c: (c["a"] - c["b"]) / c["n"], **kw)
+    est, low, high = columns_ci({"a": nll_a, "b": nll_b, "n": tokens}, lambda c: (c["a"] - c["b"]) / c["n"], **kw)
     return math.expm1(est), math.expm1(low), math.expm1(high)
 
 
 def mean_ci(values: np.ndarray, tokens: np.ndarray, **kw) -> tuple[float, float, float]:
     """Mean per token of a per-span sum (e.g. KL), with its interval."""
-    return span_ci({"v": values, "n": tokens}, lambda c: c["v"] / c["n"], **kw)
+    return columns_ci({"v": values, "n": tokens}, lambda c: c["v"] / c["n"], **kw)
 
 
 # --------------------------------------------------------------------------- families and the verdict

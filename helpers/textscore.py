@@ -387,7 +387,7 @@ class TextStudy:
         self.store.write(
             self.key(model_name, method),
             rows,
-            notebook="02_sampling_sweep",
+            notebook="04_temperature_sensitivity",
             device=c.device,
             config=asdict(c),
             fit=fit,
