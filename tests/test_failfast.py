@@ -6,9 +6,9 @@ import socket
 import time
 from pathlib import Path
 
-import nbformat
 import pytest
 
+from nbfactory import write_notebook
 from helpers import methods, models, runner
 
 LLAMA = "meta-llama/Llama-2-7b-hf"
@@ -157,24 +157,17 @@ def test_this_machines_network_fails_fast_too(empty_hub_cache):
 # --- through the runner: nothing runs when any notebook's parameters are bad -----------------
 
 
-def _notebook(path: Path, params: str, *sources: str) -> Path:
-    cells = [nbformat.v4.new_code_cell(params, metadata={"tags": ["parameters"]})]
-    cells += [nbformat.v4.new_code_cell(s) for s in sources]
-    nb = nbformat.v4.new_notebook(cells=cells)
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nbformat.write(nb, path)
-    return path
-
-
 @pytest.fixture
 def two_notebooks(tmp_path) -> Path:
     folder = tmp_path / "notebooks"
     folder.mkdir()
-    _notebook(folder / "01_first.ipynb", "temperatures = [0.0, 1.0]\nthreads = 2", "open('ran-01', 'w').close()")
-    _notebook(
+    write_notebook(
+        folder / "01_first.ipynb", "open('ran-01', 'w').close()", params="temperatures = [0.0, 1.0]\nthreads = 2"
+    )
+    write_notebook(
         folder / "02_models.ipynb",
-        'models = ["smollm2-135m"]\nmethods = ["fp32", "nf4"]\nreference = "fp32"\ndevice = "cpu"',
         "open('ran-02', 'w').close()",
+        params='models = ["smollm2-135m"]\nmethods = ["fp32", "nf4"]\nreference = "fp32"\ndevice = "cpu"',
     )
     return folder
 

@@ -6,19 +6,11 @@ import nbformat
 import pytest
 
 from helpers import runner
-
-
-def _nb(path, *sources, params="x = 1"):
-    cells = [nbformat.v4.new_code_cell(params, metadata={"tags": ["parameters"]})]
-    cells += [nbformat.v4.new_code_cell(s) for s in sources]
-    nb = nbformat.v4.new_notebook(cells=cells)
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nbformat.write(nb, path)
-    return path
+from nbfactory import write_notebook
 
 
 def test_unknown_parameter_is_named(tmp_path):
-    nb = _nb(tmp_path / "01_a.ipynb", "print(x)")
+    nb = write_notebook(tmp_path / "01_a.ipynb", "print(x)")
     with pytest.raises(runner.ParameterFileError, match=r"01_a.ipynb has no parameter\(s\) y; it declares: x"):
         runner.parameters_for(nb, {"01_a": {"y": 2}}, {"x"})
     assert runner.parameters_for(nb, {"all": {"x": 3, "z": 1}}, {"x"}) == {"x": 3}
@@ -35,7 +27,7 @@ def test_missing_parameter_file(tmp_path):
 
 
 def test_source_hash_ignores_outputs_and_injected_cells(tmp_path):
-    path = _nb(tmp_path / "01_a.ipynb", "print(x)")
+    path = write_notebook(tmp_path / "01_a.ipynb", "print(x)")
     nb = nbformat.read(path, as_version=4)
     h = runner.source_hash(path)
     nb.cells[1].outputs = [nbformat.v4.new_output("stream", text="1\n")]
@@ -48,9 +40,9 @@ def test_source_hash_ignores_outputs_and_injected_cells(tmp_path):
 def test_run_stops_at_the_first_failure(tmp_path, capfd):
     folder = tmp_path / "notebooks"
     folder.mkdir()
-    _nb(folder / "01_ok.ipynb", "y = x * 2")
-    _nb(folder / "02_fail.ipynb", "y = 1", "raise RuntimeError('boom')")
-    _nb(folder / "03_never.ipynb", "y = 3")
+    write_notebook(folder / "01_ok.ipynb", "y = x * 2")
+    write_notebook(folder / "02_fail.ipynb", "y = 1", "raise RuntimeError('boom')")
+    write_notebook(folder / "03_never.ipynb", "y = 3")
     params = tmp_path / "p.yaml"
     params.write_text("all:\n  x: 5\n")
     with pytest.raises(SystemExit) as err:
@@ -77,7 +69,7 @@ def test_kernels_are_started_with_encrypted_channels():
 
 
 def test_parameter_defaults_are_read_as_values(tmp_path):
-    nb = _nb(tmp_path / "01_a.ipynb", params='x = 1\nts = [0.0, 0.5]\nname = "a"\nn = len("ab")')
+    nb = write_notebook(tmp_path / "01_a.ipynb", params='x = 1\nts = [0.0, 0.5]\nname = "a"\nn = len("ab")')
     defaults = runner.parameter_defaults(nb)
     assert {k: defaults[k] for k in ("x", "ts", "name")} == {"x": 1, "ts": [0.0, 0.5], "name": "a"}
     runner.check_values(nb, {"n": "anything", "ts": [1, 2.5]}, defaults)  # an int fits a float list
