@@ -112,7 +112,8 @@ def save_table(df: pd.DataFrame, path: str | os.PathLike[str], *, device: str = 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    df.to_csv(tmp, index=False, compression="gzip" if path.name.endswith(".gz") else None)
+    # rows end in "\n" on every platform; a bare "\r" inside generated text stays data (see load_table)
+    df.to_csv(tmp, index=False, lineterminator="\n", compression="gzip" if path.name.endswith(".gz") else None)
     record = provenance(device=device, rows=len(df), columns=list(df.columns), **meta)
     side_tmp = sidecar(path).with_suffix(".tmp")
     side_tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
@@ -122,9 +123,12 @@ def save_table(df: pd.DataFrame, path: str | os.PathLike[str], *, device: str = 
 
 
 def load_table(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Read a table written by :func:`save_table` and its provenance."""
+    """Read a table written by :func:`save_table` and its provenance.
+
+    Only ``"\n"`` ends a row: pandas writes a text field holding a bare ``"\r"`` (which models do
+    generate) without quotes, and the default reader would split the row there."""
     path = Path(path)
     meta_path = sidecar(path)
     if not meta_path.exists():
         raise FileNotFoundError(f"{path} has no provenance file {meta_path.name}")
-    return pd.read_csv(path), json.loads(meta_path.read_text())
+    return pd.read_csv(path, lineterminator="\n"), json.loads(meta_path.read_text())

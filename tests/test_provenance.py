@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from helpers import provenance
+from helpers.provenance import load_table, save_table
 
 
 def test_save_and_load_roundtrip(tmp_path):
@@ -126,3 +127,11 @@ def test_record_is_serialisable():
     record = provenance.provenance()
     json.dumps(record)
     assert not record["git_commit"].endswith("-dirty")
+
+
+def test_a_bare_carriage_return_in_text_survives_the_round_trip(tmp_path):
+    # generated text can hold "\r"; pandas writes it unquoted, and a default reader splits the row there
+    df = pd.DataFrame({"text": ["one\rtwo", "plain", "line\nbreak"], "n": [1, 2, 3]})
+    for name in ("t.csv", "t.csv.gz"):
+        back, _ = load_table(save_table(df, tmp_path / name))
+        pd.testing.assert_frame_equal(back, df)
