@@ -23,10 +23,6 @@ class Perplexity:
     n_tokens: int
     token_nll: torch.Tensor  # nats, one per scored token, float32 on CPU
 
-    @property
-    def mean_nll(self) -> float:
-        return self.token_nll.mean().item()
-
 
 def read_text(path: str | Path) -> str:
     """Read a held-out text file; a clear error if it is missing or empty."""

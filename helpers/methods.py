@@ -131,9 +131,6 @@ METHOD_COLORS: dict[str, str] = {
     "fp4-dq": "#f4a09c",
 }
 
-#: The methods of the paper, in the order figures use.
-PAPER_METHODS = ("bf16", "fp16", "int8", "nf4", "nf4-dq", "fp4", "fp4-dq")
-
 
 def get_method(name: str) -> Method:
     """The registered method called ``name``; ``ValueError`` listing valid names otherwise."""

