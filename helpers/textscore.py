@@ -26,9 +26,11 @@ that shift from a sensitivity curve.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import inspect
 import math
+import textwrap
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -102,7 +104,7 @@ def block_sums(
 
     One row per (T, k, block): ``n`` (positions) and the sum of every measure in ``SUMMED``
     (``ref_*``: the reference's own, on the same positions). Means, and their paired bootstrap
-    intervals over blocks, are ratios of these sums (:func:`helpers.analysis.block_ratio_ci`).
+    intervals over blocks, are ratios of these sums (:func:`helpers.analysis.contrast_ci`).
     """
     if block < 1:
         raise ValueError(f"block must be a positive number of tokens, got {block}")
@@ -190,8 +192,17 @@ def code_digest(documents: dict[str, str]) -> str:
         expected_under,
         TextStudy._unit,
     ):
-        h.update(inspect.getsource(fn).encode())
+        h.update(_code_only(fn).encode())
     return h.hexdigest()[:10]
+
+
+def _code_only(fn) -> str:
+    """A function's syntax tree without its docstring: editing words or layout recomputes nothing."""
+    node = ast.parse(textwrap.dedent(inspect.getsource(fn))).body[0]
+    if node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant):
+        node.body = node.body[1:]
+    node.name = ""  # the digest lists the functions in a fixed order; a rename changes no number
+    return ast.dump(node)
 
 
 @dataclass
@@ -307,12 +318,10 @@ class TextStudy:
         if not todo:
             return
         c = self.cfg
-        bar = self.progress(total=sum(len(self._windows(m)) for m, _ in todo), desc="running-text windows")
-        for model_name in c.models:
+        windows_of = {m: self._windows(m) for m in dict.fromkeys(m for m, _ in todo)}  # tokenized once per model
+        bar = self.progress(total=sum(len(windows_of[m]) for m, _ in todo), desc="running-text windows")
+        for model_name, windows in windows_of.items():
             methods = [x for m, x in todo if m == model_name]
-            if not methods:
-                continue
-            windows = self._windows(model_name)
             ref_s, ref_logits = timed(lambda: self._reference_logits(model_name, windows), c.device)
             for method in methods:
                 if self.store.done(self.key(model_name, method)):
