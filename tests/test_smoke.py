@@ -286,7 +286,7 @@ def _check_04():
     blocks, meta = table("04_temperature_sensitivity_text_blocks.csv.gz")
     nominal = blocks[(blocks.view == "nominal") & (blocks.top_k == 0)]
     n = nominal.groupby(["model", "method", "temperature"]).n.sum()
-    assert n.nunique() == 1 and n.iloc[0] >= 3 * meta["parameters"]["text"]["block"]
+    assert n.nunique() == 1 and n.iloc[0] >= 3 * meta["parameters"]["text_block"]
     assert (nominal.p_true <= nominal.n + 1e-6).all() and (nominal.kl[nominal.temperature > 0] >= 0).all()
     fits, _ = table("04_temperature_sensitivity_text_fits.csv")
     assert fits.tau.between(0.5, 2).all() and fits.best_T.between(0.3, 3).all()

@@ -1,0 +1,98 @@
+"""The one setup call every numbered notebook makes right after its ``parameters`` cell.
+
+``nb = notebook.setup("03_speed_and_memory", globals())`` quiets the libraries, pins the threads,
+creates the output folders, sets the figure style, and returns a :class:`Notebook` that knows the
+parameters as papermill declared them (every name of the ``parameters`` cell, with the value this
+run uses, injected or default). Its :meth:`~Notebook.save_table` and :meth:`~Notebook.savefig` name
+every output ``<notebook>_<name>`` and record those parameters next to every table, so the
+provenance cannot drift from the parameters cell.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from helpers import methods as registry, provenance, runtime
+
+#: The folder the notebooks live in (papermill and Jupyter run them with it as working directory).
+NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+def declared_names(notebook: Path) -> list[str]:
+    """Names assigned in the notebook's cell tagged ``parameters``, in order."""
+    cells = json.loads(Path(notebook).read_text())["cells"]
+    for cell in cells:
+        if "parameters" in cell.get("metadata", {}).get("tags", []):
+            source = cell["source"] if isinstance(cell["source"], str) else "".join(cell["source"])
+            return [
+                t.id
+                for node in ast.parse(source).body
+                if isinstance(node, ast.Assign)
+                for t in node.targets
+                if isinstance(t, ast.Name)
+            ]
+    raise ValueError(f"{notebook} has no cell tagged 'parameters'")
+
+
+@dataclass
+class Notebook:
+    """What a notebook's cells share: its name, parameters, output folders and writers."""
+
+    name: str
+    params: dict[str, Any]
+    data_dir: Path
+    figures_dir: Path
+    device: str = "cpu"
+    thread_info: dict[str, Any] | None = None
+    #: extra provenance recorded with every table (for example the settings of an upstream run)
+    context: dict[str, Any] = field(default_factory=dict)
+
+    def data_path(self, name: str) -> Path:
+        """``data_dir / "<notebook>_<name>"``."""
+        return self.data_dir / f"{self.name}_{name}"
+
+    def save_table(self, df: pd.DataFrame, name: str, **meta: Any) -> Path:
+        """Write ``df`` as ``<notebook>_<name>`` in ``data_dir`` with its provenance sidecar."""
+        meta = {"notebook": self.name, "parameters": self.params, "threads": self.thread_info, **self.context, **meta}
+        return provenance.save_table(df, self.data_path(name), **{"device": self.device, **meta})
+
+    def savefig(self, fig, name: str, **kwargs: Any) -> Path:
+        """Save ``fig`` as ``<notebook>_<name>.png`` in ``figures_dir`` (150 dpi, tight box)."""
+        path = self.figures_dir / f"{self.name}_{name}.png"
+        fig.savefig(path, **{"dpi": 150, "bbox_inches": "tight", **kwargs})
+        return path
+
+    def method_order(self, names) -> list[str]:
+        """``names`` in the registry's order (fp32, bf16, fp16, int8 ... fp4-dq)."""
+        return [m for m in registry.METHODS if m in set(names)]
+
+
+def setup(name: str, namespace: dict[str, Any], notebooks_dir: Path | None = None) -> Notebook:
+    """Prepare a notebook run and return its :class:`Notebook`.
+
+    ``namespace`` is the notebook's ``globals()`` after the parameters (and papermill's injected
+    values) are set. Parameters named ``threads``, ``device``, ``data_dir`` and ``figures_dir``
+    are acted on when the notebook declares them; ``device`` is resolved ("cuda" -> "cuda:0").
+    """
+    import seaborn as sns
+
+    folder = Path(notebooks_dir) if notebooks_dir is not None else Path.cwd()
+    path = folder / f"{name}.ipynb"
+    if not path.exists():
+        path = NOTEBOOKS_DIR / f"{name}.ipynb"
+    params = {k: namespace[k] for k in declared_names(path) if k in namespace}
+    runtime.quiet()
+    thread_info = runtime.configure_threads(params["threads"]) if "threads" in params else None
+    device = runtime.resolve_device(params["device"]) if "device" in params else "cpu"
+    dirs = {}
+    for key, default in (("data_dir", "../data"), ("figures_dir", "../figures")):
+        dirs[key] = Path(params.get(key, default))
+        dirs[key].mkdir(parents=True, exist_ok=True)
+    sns.set_theme(style="whitegrid", context="notebook")
+    return Notebook(name, params, dirs["data_dir"], dirs["figures_dir"], device, thread_info)

@@ -1,0 +1,76 @@
+"""The notebook prelude: parameters as declared, outputs named after the notebook, provenance."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from helpers import notebook  # noqa: E402
+from helpers.provenance import load_table  # noqa: E402
+from tests.nbfactory import write_notebook  # noqa: E402
+
+PARAMS = 'models = ["a"]\nthreads = 1\nn_boot = 10  # a comment\ndata_dir = "DATA"\nfigures_dir = "FIGS"'
+
+
+def test_declared_names_in_order(tmp_path):
+    path = write_notebook(tmp_path / "01_x.ipynb", "y = 2", params=PARAMS)
+    assert notebook.declared_names(path) == ["models", "threads", "n_boot", "data_dir", "figures_dir"]
+
+
+def test_declared_names_needs_a_parameters_cell(tmp_path):
+    path = write_notebook(tmp_path / "01_x.ipynb", params="x = 1")
+    text = path.read_text().replace('"parameters"', '"other"')
+    path.write_text(text)
+    with pytest.raises(ValueError, match="parameters"):
+        notebook.declared_names(path)
+
+
+@pytest.fixture
+def keep_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.filterwarnings("ignore:OMP_WAIT_POLICY")
+def test_setup_records_declared_parameters_with_their_run_values(tmp_path, keep_threads):
+    write_notebook(
+        tmp_path / "01_x.ipynb", params=PARAMS.replace("DATA", str(tmp_path / "d")).replace("FIGS", str(tmp_path / "f"))
+    )
+    # the namespace of a run: papermill injected n_boot = 50; helper variables are not parameters
+    namespace = {
+        "models": ["a"],
+        "threads": 1,
+        "n_boot": 50,
+        "data_dir": str(tmp_path / "d"),
+        "figures_dir": str(tmp_path / "f"),
+        "np": object(),
+        "x": 3,
+    }
+    nb = notebook.setup("01_x", namespace, notebooks_dir=tmp_path)
+    assert nb.params == {
+        "models": ["a"],
+        "threads": 1,
+        "n_boot": 50,
+        "data_dir": str(tmp_path / "d"),
+        "figures_dir": str(tmp_path / "f"),
+    }
+    assert nb.data_dir.is_dir() and nb.figures_dir.is_dir() and nb.thread_info["torch_num_threads"] == 1
+    nb.context["upstream"] = "v1"
+    path = nb.save_table(pd.DataFrame({"a": [1, 2]}), "table.csv", source="test")
+    assert path == tmp_path / "d" / "01_x_table.csv"
+    df, meta = load_table(path)
+    assert df.a.tolist() == [1, 2]
+    assert meta["notebook"] == "01_x" and meta["parameters"]["n_boot"] == 50
+    assert meta["upstream"] == "v1" and meta["source"] == "test" and meta["device"] == "cpu"
+    fig, ax = plt.subplots()
+    ax.plot([0, 1])
+    assert nb.savefig(fig, "figure") == tmp_path / "f" / "01_x_figure.png"
+    assert (tmp_path / "f" / "01_x_figure.png").stat().st_size > 0
+    plt.close(fig)
+    assert nb.method_order(["fp4", "fp32", "int8"]) == ["fp32", "int8", "fp4"]
