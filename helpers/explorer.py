@@ -183,7 +183,7 @@ def over_prompts(
     ref = logits_by_method[reference]
     rows = []
     for method, x in logits_by_method.items():
-        m = pd.DataFrame(sampling.next_token_measures(ref, x, list(temperatures), [top_k]))
+        m = sampling.next_token_measures(ref, x, list(temperatures), [top_k])
         for T, g in m.groupby("temperature", sort=False):
             rows.append(
                 {

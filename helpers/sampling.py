@@ -27,6 +27,8 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
+import pandas as pd
 import torch
 
 MASK32 = 0xFFFFFFFF
@@ -74,203 +76,184 @@ def next_token_probs(logits: torch.Tensor, temperature: float, top_k: int = 0) -
     return torch.softmax(x / temperature, dim=-1)
 
 
+#: The columns of :func:`next_token_measures`, after ``prompt_index``, ``temperature`` and ``top_k``.
+MEASURES = ("tv", "kl", "top1_agree", "entropy", "p_answer", "ref_p_answer", "logp_answer", "ref_logp_answer")
+
+
 def next_token_measures(
     ref_logits: torch.Tensor,
     logits: torch.Tensor,
     temperatures: list[float],
     top_ks: list[int],
     answer_ids: torch.Tensor | None = None,
-) -> list[dict]:
-    """Exact divergences between the reference and a method's next-token distributions.
+) -> pd.DataFrame:
+    """Exact measures of a method's next-token distribution against the reference's, at every (T, k).
 
-    ``ref_logits`` and ``logits`` are ``[P, V]`` (one row per prompt, last position). Returns one
-    row per (prompt index, T, k) with ``tv`` (total variation), ``kl`` (KL(ref || method), inf when
-    the method's top-k misses a token the reference's keeps), ``top1_agree``, ``entropy`` (nats,
-    of the method's distribution), ``p_answer`` (method's probability of ``answer_ids[i]``, NaN
-    when < 0), ``ref_p_answer``, and their logarithms ``logp_answer`` / ``ref_logp_answer``
-    (computed in log space, so the log-loss stays exact where the probability underflows).
+    ``ref_logits`` and ``logits`` are ``[P, V]`` (one row per prompt or text position). Returns one
+    row per (T, k, prompt index), in the order given, with the columns :data:`MEASURES`:
+    ``tv`` (total variation), ``kl`` (KL(ref || method); inf when the method's top-k misses a token
+    the reference's keeps), ``top1_agree``, ``entropy`` (nats, of the method's distribution),
+    ``p_answer`` (the method's probability of ``answer_ids[i]``; NaN where it is < 0),
+    ``ref_p_answer``, and their logarithms ``logp_answer`` / ``ref_logp_answer``, computed in log
+    space so the log-loss stays exact where the probability underflows.
 
-    Cost: the top-k selection is made once (it does not depend on T) and its points are computed
-    for all temperatures together, as ``[P, T, k]`` blocks; the dense (k off) points
-    use ``KL = sum p (a - b) - (lse_a - lse_b)`` and ``H(q) = lse_b - sum q b`` for the scaled
-    logits ``a, b``, computed row by row on every thread (:func:`_dense_measures`).
+    Three parts: greedy (T = 0), top-k (the k largest logits, every T at once) and dense (top-k
+    off, :func:`_dense`). :func:`measures_spec` is the definition the parts are tested against.
     """
     # -inf logits (masked tokens) would give inf - inf; a huge finite value has probability 0
     ref, x = _finite(ref_logits), _finite(logits)
     P, V = x.shape
     answers = answer_ids if answer_ids is not None else torch.full((P,), -1, dtype=torch.long)
-    has_answer = answers >= 0
-    ans = answers.clamp_min(0)[:, None]
-    ref_top, x_top = row_argmax(ref), row_argmax(x)
-    top1 = ref_top == x_top
-    kmax = max([k for k in top_ks if 0 < k < V], default=0)
-    if kmax:
-        ref_vals, ref_idx = ref.topk(kmax, dim=-1)  # sorted, exactly kmax per row
-        x_vals, x_idx = x.topk(kmax, dim=-1)
-    cols: dict[str, list[torch.Tensor]] = {
-        c: [] for c in ("tv", "kl", "entropy", "p_answer", "ref_p_answer", "logp_answer", "ref_logp_answer")
-    }
-    grid: list[tuple[float, int]] = []  # (T, k) of each emitted block, as given (no float32 rounding)
-
-    def emit(T, k, *values):
-        for name, value in zip(cols, values):
-            cols[name].append(value.float())
-        grid.append((T, k))
-
+    ans = answers.clamp_min(0)
+    ref_top, x_top = argmax(ref), argmax(x)
     hot = [T for T in temperatures if T > 0]
-    dense_ts = hot if any(k == 0 or k >= V for k in top_ks) else []
-    dense_all = _dense_measures(ref, x, dense_ts, ans) if dense_ts else {}
-    # top-k points: every T > 0 at once, as [P, T, k] blocks (the selection is the same at every T)
-    temps_t = torch.tensor(hot or [1.0], dtype=torch.float32)[None, :, None]
-    sparse: dict[int, list[torch.Tensor]] = {}
-    for k in {k for k in top_ks if 0 < k < V}:
-        idx_p, idx_q = ref_idx[:, :k], x_idx[:, :k]
-        match = idx_p[:, :, None] == idx_q[:, None, :]  # [P, k, k]: where p's tokens sit in q's top-k
-        found = match.any(-1)[:, None, :]
-        pos = match.byte().argmax(-1)[:, None, :].expand(P, temps_t.shape[1], k)
-        # log space: at low T the kept tokens' probabilities underflow, their log-ratios do not
-        log_p = torch.log_softmax(ref_vals[:, None, :k] / temps_t, -1)
-        log_q = torch.log_softmax(x_vals[:, None, :k] / temps_t, -1)
-        p, q = log_p.exp(), log_q.exp()
-        q_at_p = torch.where(found, q.gather(2, pos), 0.0)
-        # every kept token has p > 0 (however small), so KL is infinite when the kept sets differ
-        kl = torch.where(found.all(-1), (p * (log_p - log_q.gather(2, pos))).sum(-1), float("inf"))
-        # log p of the answer: -inf where it is not among the kept tokens
-        logp_ans = [
-            torch.where(hit, lg, float("-inf")).amax(-1)
-            for hit, lg in (((idx_q == ans)[:, None, :], log_q), ((idx_p == ans)[:, None, :], log_p))
-        ]
-        sparse[k] = [
-            1 - torch.minimum(p, q_at_p).sum(-1),
-            kl,
-            -(q * log_q).sum(-1),
-            logp_ans[0].exp(),
-            logp_ans[1].exp(),
-            *logp_ans,
-        ]
+    parts: dict[int, dict[str, torch.Tensor]] = {}  # top-k -> measure -> [len(hot), P]
+    ks = sorted({k for k in top_ks if 0 < k < V})
+    if hot and ks:  # the largest k selected once: the smaller ones are its first columns (sorted)
+        largest = (*ref.topk(ks[-1], dim=-1), *x.topk(ks[-1], dim=-1))
+        for k in ks:
+            parts[k] = _top_k(*(t[:, :k] for t in largest), hot, ans)
+    if hot and any(k == 0 or k >= V for k in top_ks):
+        parts[0] = _dense(ref, x, hot, ans)
+    for values in parts.values():
+        values["top1_agree"] = (ref_top == x_top).expand(len(hot), -1)
+    greedy = _greedy(ref_top, x_top, ans)
+    frames = []
     for T in temperatures:
-        if T == 0:
-            zero, agree = torch.zeros(P), top1.float()
-            kl = torch.where(top1, zero, torch.full((P,), float("inf")))
-            p_ans = (x_top == ans[:, 0]).float()
-            ref_p_ans = (ref_top == ans[:, 0]).float()
-            for k in top_ks:  # top-k is irrelevant to greedy decoding
-                emit(T, k, 1 - agree, kl, zero, p_ans, ref_p_ans, p_ans.log(), ref_p_ans.log())
-            continue
-        t = hot.index(T)
         for k in top_ks:
-            emit(T, k, *(dense_all[T] if k == 0 or k >= V else [v[:, t] for v in sparse[k]]))
-    n = len(grid)
-    bounds = {"tv": (0, 1), "kl": (0, None), "entropy": (0, None)}  # rounding can step just outside
-    out = {}
-    for name, v in cols.items():
-        col = torch.cat(v)
-        out[name] = (col.clamp(*bounds[name]) if name in bounds else col).tolist()
-    nan = float("nan")
-    temps = [T for T, _ in grid for _ in range(P)]
-    ks = [k for _, k in grid for _ in range(P)]
-    index, answered, agree = list(range(P)) * n, has_answer.tolist() * n, top1.tolist() * n
-    return [
-        {
-            "prompt_index": i,
-            "temperature": T,
-            "top_k": k,
-            "tv": tv,
-            "kl": kl,
-            "top1_agree": a,
-            "entropy": e,
-            "p_answer": pa if h else nan,
-            "ref_p_answer": rpa if h else nan,
-            "logp_answer": lpa if h else nan,
-            "ref_logp_answer": rlpa if h else nan,
-        }
-        for i, T, k, tv, kl, a, e, pa, rpa, lpa, rlpa, h in zip(
-            index,
-            temps,
-            ks,
-            out["tv"],
-            out["kl"],
-            agree,
-            out["entropy"],
-            out["p_answer"],
-            out["ref_p_answer"],
-            out["logp_answer"],
-            out["ref_logp_answer"],
-            answered,
+            values = greedy if T == 0 else {m: v[hot.index(T)] for m, v in parts[k if 0 < k < V else 0].items()}
+            frames.append(
+                pd.DataFrame(
+                    {"prompt_index": range(P), "temperature": T, "top_k": k, **{m: values[m].numpy() for m in MEASURES}}
+                )
+            )
+    out = pd.concat(frames, ignore_index=True)
+    for m, (lo, hi) in {"tv": (0, 1), "kl": (0, None), "entropy": (0, None)}.items():
+        out[m] = out[m].clip(lo, hi)  # rounding can step just outside
+    out["top1_agree"] = out["top1_agree"].astype(bool)
+    no_answer = np.tile(answers.numpy() < 0, len(frames))
+    out.loc[no_answer, ["p_answer", "ref_p_answer", "logp_answer", "ref_logp_answer"]] = np.nan
+    return out
+
+
+def measures_spec(ref_logits: torch.Tensor, logits: torch.Tensor, T: float, k: int, answer: int) -> dict[str, float]:
+    """The definition of :func:`next_token_measures` for one row, in float64 log space (slow; for tests)."""
+    a, b = ref_logits.double(), logits.double()
+    if T == 0:
+        agree = bool(a.argmax() == b.argmax())
+        p_ans, ref_p_ans = float(b.argmax() == answer), float(a.argmax() == answer)
+        return dict(
+            tv=1.0 - agree,
+            kl=0.0 if agree else math.inf,
+            top1_agree=agree,
+            entropy=0.0,
+            p_answer=p_ans,
+            ref_p_answer=ref_p_ans,
+            logp_answer=math.log(p_ans) if p_ans else -math.inf,
+            ref_logp_answer=math.log(ref_p_ans) if ref_p_ans else -math.inf,
         )
-    ]
+
+    def log_probs(z: torch.Tensor) -> torch.Tensor:
+        if 0 < k < len(z):
+            z = torch.full_like(z, -math.inf).scatter(0, z.topk(k).indices, z.topk(k).values)
+        return torch.log_softmax(z / T, 0)
+
+    lp, lq = log_probs(a), log_probs(b)
+    p, q = lp.exp(), lq.exp()
+    kept = lp > -math.inf  # the support (every kept token has p > 0, even where it underflows)
+    kl = math.inf if (lq[kept] == -math.inf).any() else float((p[kept] * (lp[kept] - lq[kept])).sum())
+    return dict(
+        tv=0.5 * float((p - q).abs().sum()),
+        kl=kl,
+        top1_agree=bool(a.argmax() == b.argmax()),
+        entropy=-float((q[q > 0] * lq[q > 0]).sum()),
+        p_answer=float(q[answer]),
+        ref_p_answer=float(p[answer]),
+        logp_answer=float(lq[answer]),
+        ref_logp_answer=float(lp[answer]),
+    )
 
 
-def row_argmax(x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """``x.argmax(-1)`` of a ``[P, V]`` float tensor (first index on ties), 3-4x faster for wide rows.
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(-1)``, first index on ties, computed as ``x.max(-1).indices`` (same result, about
+    twice as fast on CPU for wide rows: ``benchmarks/measures_kernel.py``)."""
+    return x.max(-1).indices
 
-    On CPU ``torch.argmax`` is about 9x slower than ``amax`` (30 ms for 112 x 262k here), so the
-    maxima of ``chunk``-wide blocks are taken first, then the first block holding the row maximum
-    is searched. Rows must hold no NaN (see :func:`_finite`).
-    """
-    P, V = x.shape
-    if V <= 4 * chunk:
-        return x.argmax(-1)
-    n = V // chunk * chunk
-    block_max = x[:, :n].view(P, -1, chunk).amax(-1)
-    if n < V:
-        block_max = torch.cat([block_max, x[:, n:].amax(-1, keepdim=True)], dim=1)
-    block = block_max.argmax(-1)  # the first block that holds the maximum
-    idx = (block[:, None] * chunk + torch.arange(chunk)).clamp_max(V - 1)  # the tail block repeats its last index
-    return idx.gather(1, x.gather(1, idx).argmax(-1, keepdim=True)).squeeze(1)
+
+def _greedy(ref_top: torch.Tensor, x_top: torch.Tensor, ans: torch.Tensor) -> dict[str, torch.Tensor]:
+    """T = 0: both methods pick their argmax (first index on ties); top-k does not matter."""
+    agree = ref_top == x_top
+    p_ans, ref_p_ans = (x_top == ans).double(), (ref_top == ans).double()
+    return dict(
+        tv=1.0 - agree.double(),
+        kl=torch.where(agree, 0.0, math.inf).double(),
+        top1_agree=agree,
+        entropy=torch.zeros(len(x_top), dtype=torch.float64),
+        p_answer=p_ans,
+        ref_p_answer=ref_p_ans,
+        logp_answer=p_ans.log(),
+        ref_logp_answer=ref_p_ans.log(),
+    )
+
+
+def _top_k(ref_vals, ref_idx, x_vals, x_idx, hot: list[float], ans: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Top-k on: each distribution lives on its own k tokens (``[P, k]`` values and indices from
+    ``topk``), every T at once as ``[T, P, k]`` blocks."""
+    temps = torch.tensor(hot, dtype=torch.float32)[:, None, None]
+    match = ref_idx[:, :, None] == x_idx[:, None, :]  # [P, k, k]: where the reference's tokens sit in the method's
+    found = match.any(-1)  # [P, k]
+    pos = match.byte().argmax(-1).expand(len(hot), -1, -1)  # [T, P, k]
+    # log space: at low T the kept tokens' probabilities underflow, their log-ratios do not
+    log_p = torch.log_softmax(ref_vals / temps, -1)
+    log_q = torch.log_softmax(x_vals / temps, -1)
+    p, q = log_p.exp(), log_q.exp()
+    q_at_p = torch.where(found, q.gather(2, pos), 0.0)
+    # every kept token has p > 0 (however small), so KL is infinite when the kept sets differ
+    kl = torch.where(found.all(-1), (p * (log_p - log_q.gather(2, pos))).sum(-1), math.inf)
+    # log p of the answer: -inf where it is not among the kept tokens
+    logp_ans = torch.where(x_idx == ans[:, None], log_q, -math.inf).amax(-1)
+    ref_logp_ans = torch.where(ref_idx == ans[:, None], log_p, -math.inf).amax(-1)
+    values = dict(
+        tv=1 - torch.minimum(p, q_at_p).sum(-1),
+        kl=kl,
+        entropy=-(q * log_q).sum(-1),
+        p_answer=logp_ans.exp(),
+        ref_p_answer=ref_logp_ans.exp(),
+        logp_answer=logp_ans,
+        ref_logp_answer=ref_logp_ans,
+    )
+    return {m: v.double() for m, v in values.items()}
 
 
 def _finite(logits: torch.Tensor) -> torch.Tensor:
     """Float32 logits with -inf (masked tokens) as -1e30, +inf as the largest float and NaN as 0,
-    so that no difference is inf - inf. A copy only where needed: checking costs one reduction, a copy of a
-    [P, 262k] block costs several times more (fresh memory)."""
+    so that no difference is inf - inf (a copy only where needed)."""
     x = logits.float()
     lo, hi = x.aminmax()
     return x if math.isfinite(lo) and math.isfinite(hi) else x.nan_to_num(neginf=-1e30)
 
 
 LOG2E = 1.0 / math.log(2.0)
-EXP2_ZERO = -150.0  # float32 exp2(y) is exactly 0.0 for y < -150 (below the smallest subnormal)
 
 
-def _dense_measures(
-    ref: torch.Tensor, x: torch.Tensor, temperatures: list[float], ans: torch.Tensor
-) -> dict[float, tuple[torch.Tensor, ...]]:
-    """(tv, kl, entropy, p_answer, ref_p_answer, logp_answer, ref_logp_answer) per prompt for each
-    T > 0, top-k off.
+def _dense(ref: torch.Tensor, x: torch.Tensor, hot: list[float], ans: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Top-k off: the measures over the whole vocabulary, row by row (:func:`_dense_row`).
 
-    The cost is ``exp`` of two ``[V]`` rows at every T (10M exponentials per Gemma-3 prompt), so
-    the loop is arranged for it (``benchmarks/sweep_costs.py`` measures the result):
-
-    * rows are shared out over the machine's threads, each running single-threaded torch ops
-      (many short ops wake OpenMP's passive worker threads too often to gain from them);
-    * ``exp2`` of logits pre-scaled by log2(e), with subnormals flushed to zero in the worker,
-      is 2-10x cheaper than ``exp`` on this hardware, most of all at low T where most results
-      underflow;
-    * only sums over the row are needed: ``Z = sum e``; ``KL = sum e_a (a - b) / (T Z_a) - log
-      Z_a / Z_b``; ``H(q) = log Z_b - sum e_b b / (T Z_b)``; ``TV = sum |e_a - (Z_a/Z_b) e_b| /
-      (2 Z_a)``, with logits shifted by their row maximum so no pass looks for a maximum;
-    * temperatures run from hot to cold, and a token whose scaled logit is below ``EXP2_ZERO`` in
-      both rows is dropped: its weight is exactly 0.0 at this T and every colder one, so the
-      result is unchanged (at T = 0.1 that leaves ~1% of Gemma-3's vocabulary). Dropping costs a
-      pass over the row, so it is done only when it shrinks the row by ``PRUNE_SHRINK`` or more,
-      which a sorted 1-in-64 sample of the row predicts at no cost;
-    * each worker reuses one set of buffers for all its rows (fresh megabyte-sized tensors cost
-      page faults on every row).
+    Arranged for speed on CPU in one place (``benchmarks/measures_kernel.py`` measures each choice):
+    rows are shared out over the machine's threads, each running single-threaded torch ops (short
+    ops on wide rows gain nothing from OpenMP), with subnormal results flushed to zero.
     """
-    P, V = x.shape
+    P = len(x)
     threads = torch.get_num_threads()
     workers = max(1, min(threads, P))
-    order = sorted(range(len(temperatures)), key=lambda t: -temperatures[t])
-    out = torch.empty(len(temperatures), 7, P, dtype=torch.float64)
+    out = torch.empty(P, len(hot), 7, dtype=torch.float64)
 
     def rows(first: int) -> None:
         flushed = torch.set_flush_denormal(True)  # per thread (the CPU's MXCSR register)
         try:
             with torch.inference_mode():
-                workspace = dense_workspace(V)  # reused for every row
                 for i in range(first, P, workers):
-                    out[:, :, i] = _dense_row(ref[i], x[i], temperatures, order, int(ans[i, 0]), workspace)
+                    out[i] = _dense_row(ref[i], x[i], hot, int(ans[i]))
         finally:
             if flushed:
                 torch.set_flush_denormal(False)
@@ -281,73 +264,41 @@ def _dense_measures(
             list(pool.map(rows, range(workers)))  # list() re-raises a worker's exception
     finally:
         torch.set_num_threads(threads)
-    out = out.float()
-    return {T: tuple(out[t]) for t, T in enumerate(temperatures)}
+    cols = out.permute(2, 1, 0)  # [7, T, P]
+    names = ("tv", "kl", "entropy", "p_answer", "ref_p_answer", "logp_answer", "ref_logp_answer")
+    return dict(zip(names, cols))
 
 
-PRUNE_SHRINK = 0.7  # drop the zero-weight tokens once they are 30% of the row or more
+def _dense_row(ref: torch.Tensor, x: torch.Tensor, hot: list[float], j: int) -> torch.Tensor:
+    """``[T, 7]``: (tv, kl, entropy, p_answer, ref_p_answer, logp_answer, ref_logp_answer) of one row.
 
-
-def dense_workspace(V: int) -> list[torch.Tensor]:
-    """The flat float32 buffers :func:`_dense_row` works in for a ``V``-token row: the [5, V]
-    block, a spare block it is pruned into, the two rows of weights and the TV difference."""
-    return [torch.empty(n) for n in (5 * V, 5 * V, 2 * V, V)]
-
-
-def _dense_row(
-    ref: torch.Tensor,
-    x: torch.Tensor,
-    temperatures: list[float],
-    order: list[int],
-    j: int,
-    workspace: list[torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """``[T, 7]`` float64: (tv, kl, entropy, p_answer, ref_p_answer, logp_answer, ref_logp_answer)
-    for one prompt (see above).
-
-    ``workspace``: from :func:`dense_workspace` (allocated here if None)."""
-    V = ref.shape[0]
-    block, spare, e_buf, diff_buf = workspace if workspace is not None else dense_workspace(V)
-    # one [5, V] block, so that dropping tokens is one index_select: a and b in base 2, a - b, b,
-    # and the larger of the two base-2 logits (which decides when a token's weight is zero)
-    rows = block[: 5 * V].view(5, V)
-    torch.sub(ref, ref.max(), out=rows[0])  # a (shifted to max 0)
-    torch.sub(x, x.max(), out=rows[3])  # b
-    aj, bj = float(rows[0, j]), float(rows[3, j])
-    torch.sub(rows[0], rows[3], out=rows[2])
-    rows[0].mul_(LOG2E)
-    torch.mul(rows[3], LOG2E, out=rows[1])
-    torch.maximum(rows[0], rows[1], out=rows[4])
-    sample = rows[4, ::64].sort().values  # predicts how many tokens a threshold keeps
-    n = V
-    e, diff = e_buf[: 2 * n].view(2, n), diff_buf[:n]
-    result = torch.empty(len(temperatures), 7, dtype=torch.float64)
-    for t in order:
-        s = 1.0 / temperatures[t]
-        kept = 1 - int(torch.searchsorted(sample, EXP2_ZERO / s)) / len(sample)
-        if kept * V < PRUNE_SHRINK * n:
-            keep = (rows[4] > EXP2_ZERO / s).nonzero().squeeze(1)
-            n = len(keep)
-            rows = torch.index_select(rows, 1, keep, out=spare[: 5 * n].view(5, n))
-            block, spare = spare, block  # the kept tokens now live in the other buffer
-            e, diff = e_buf[: 2 * n].view(2, n), diff_buf[:n]
-        torch.exp2(torch.mul(rows[:2], s, out=e), out=e)  # e = exp(logits / T), max 1
-        za, zb = e.sum(1).tolist()
-        ea, eb = e[0], e[1]
+    With ``a``, ``b`` the logits shifted to a maximum of 0, ``e_a = exp(a / T)``, ``Z_a = sum e_a``
+    (and the same for ``b``): ``KL = sum e_a (a - b) / (T Z_a) - log(Z_a / Z_b)``,
+    ``H = log Z_b - sum e_b b / (T Z_b)``, ``TV = sum |e_a - (Z_a / Z_b) e_b| / (2 Z_a)``. The
+    exponentials are ``exp2`` of logits pre-scaled by log2(e), which is cheaper than ``exp``.
+    """
+    a, b = ref - ref.max(), x - x.max()
+    a2, b2, d = a * LOG2E, b * LOG2E, a - b
+    aj, bj = float(a[j]), float(b[j])
+    out = torch.empty(len(hot), 7, dtype=torch.float64)
+    for t, T in enumerate(hot):
+        s = 1.0 / T
+        ea, eb = torch.exp2(a2 * s), torch.exp2(b2 * s)
+        za, zb = float(ea.sum()), float(eb.sum())
         lza, lzb = math.log(za), math.log(zb)
-        result[t] = torch.tensor(
+        out[t] = torch.tensor(
             (
-                0.5 * float(torch.sub(ea, eb, alpha=za / zb, out=diff).abs_().sum()) / za,
-                float(torch.dot(ea, rows[2])) * s / za - (lza - lzb),
-                lzb - float(torch.dot(eb, rows[3])) * s / zb,
-                math.exp(bj * s) / zb,
-                math.exp(aj * s) / za,
+                0.5 * float(torch.sub(ea, eb, alpha=za / zb).abs_().sum()) / za,
+                float(torch.dot(ea, d)) * s / za - (lza - lzb),
+                lzb - float(torch.dot(eb, b)) * s / zb,
+                math.exp(bj * s - lzb),
+                math.exp(aj * s - lza),
                 bj * s - lzb,
                 aj * s - lza,
             ),
             dtype=torch.float64,
         )
-    return result
+    return out
 
 
 # --------------------------------------------------------------------------- random numbers
@@ -382,8 +333,8 @@ def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor, block: int = 1024) 
     ``u * total`` (``u`` in (0, 1) from ``uniforms``). Tokens of probability 0 are never drawn.
 
     The cumulative sums are taken in float64 in two levels, over the ``V / block`` block totals
-    and then within the one block that holds ``u``: a float64 cumsum over the whole ``[B, V]``
-    block took 10% of a SmolLM2 decoding step (V = 49k), more with Gemma-3's 262k.
+    and then within the one block that holds ``u``, instead of one float64 cumsum over the whole
+    ``[B, V]`` block (a noticeable share of a decoding step: ``benchmarks/README.md``).
     """
     B, V = probs.shape
     n_blocks = -(-V // block)

@@ -314,10 +314,9 @@ class Sweep:
         prompts = list(self.prompts.prompt)
         forward_s, logits = timed(lambda: last_token_logits(model, tok, prompts), c.device)
         answers = answer_token_ids(tok, list(self.prompts.answer))
-        measures_s, rows = timed(
+        measures_s, df = timed(
             lambda: sampling.next_token_measures(ref_logits, logits, c.exact_temperatures, c.exact_top_ks, answers)
         )
-        df = pd.DataFrame(rows)
         # a prompt whose logits overflowed (fp16) has no meaningful distribution: NaN, flagged
         finite = torch.isfinite(logits).all(-1).numpy()[df.prompt_index.to_numpy()]
         df["top1_agree"] = df.top1_agree.astype(float)

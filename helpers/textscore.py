@@ -108,10 +108,7 @@ def block_sums(
     """
     if block < 1:
         raise ValueError(f"block must be a positive number of tokens, got {block}")
-    rows = sampling.next_token_measures(
-        ref_logits, logits, temperatures, top_ks, torch.tensor(targets, dtype=torch.long)
-    )
-    df = pd.DataFrame(rows)
+    df = sampling.next_token_measures(ref_logits, logits, temperatures, top_ks, torch.tensor(targets, dtype=torch.long))
     df = df.assign(
         p_true=df.p_answer,
         logloss=-df.logp_answer,

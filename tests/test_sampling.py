@@ -46,7 +46,7 @@ def test_fp16_logits_at_very_low_temperature_are_safe():
     for T in (1e-4, 1e-2, 0.1):
         p = sampling.next_token_probs(logits, T, 0)
         assert torch.isfinite(p).all() and torch.allclose(p.sum(-1), torch.ones(4))
-    rows = sampling.next_token_measures(logits, logits, [1e-4, 0.5], [0, 10])
+    rows = sampling.next_token_measures(logits, logits, [1e-4, 0.5], [0, 10]).to_dict("records")
     assert all(math.isfinite(r["tv"]) and math.isfinite(r["kl"]) for r in rows)
 
 
@@ -67,7 +67,7 @@ def test_exact_measures_match_a_sampled_estimate(T, k):
     ref = torch.randn(1, 12, generator=g) * 2
     x = ref + 0.7 * torch.randn(1, 12, generator=g)
     answer = int(ref.argmax())
-    row = sampling.next_token_measures(ref, x, [T], [k], torch.tensor([answer]))[0]
+    row = sampling.next_token_measures(ref, x, [T], [k], torch.tensor([answer])).to_dict("records")[0]
     tv_mc, pans_mc = _brute_force(ref, x, T, k, answer)
     assert row["tv"] == pytest.approx(tv_mc, abs=0.01)
     assert row["p_answer"] == pytest.approx(pans_mc, abs=0.01)
@@ -88,7 +88,7 @@ def test_dense_measures_match_float64_on_a_wide_vocabulary_and_leave_threads_as_
     temps = [0.05, 0.2, 0.7, 1.0, 2.0]
     answers = torch.tensor([0, 1, 2, 3, -1])
     threads = torch.get_num_threads()
-    rows = sampling.next_token_measures(ref, x, temps, [0], answers)
+    rows = sampling.next_token_measures(ref, x, temps, [0], answers).to_dict("records")
     assert torch.get_num_threads() == threads
     for r in rows:
         T, i = r["temperature"], r["prompt_index"]
@@ -104,11 +104,11 @@ def test_dense_measures_match_float64_on_a_wide_vocabulary_and_leave_threads_as_
 
 def test_identical_models_have_zero_divergence_and_greedy_is_binary():
     x = torch.randn(3, 50)
-    for r in sampling.next_token_measures(x, x, [0, 0.3, 1.0], [0, 5]):
+    for r in sampling.next_token_measures(x, x, [0, 0.3, 1.0], [0, 5]).to_dict("records"):
         assert r["tv"] == pytest.approx(0, abs=1e-6) and r["kl"] == pytest.approx(0, abs=1e-6) and r["top1_agree"]
     y = x.clone()
     y[0, x[0].argmax()] -= 100  # changes prompt 0's argmax
-    rows = [r for r in sampling.next_token_measures(x, y, [0], [0]) if r["prompt_index"] == 0]
+    rows = [r for r in sampling.next_token_measures(x, y, [0], [0]).to_dict("records") if r["prompt_index"] == 0]
     assert rows[0]["tv"] == 1 and rows[0]["kl"] == math.inf and not rows[0]["top1_agree"]
 
 
@@ -195,20 +195,30 @@ def test_generation_flags_rows_whose_logits_overflowed(loaded):
     assert clean.finite.all() and torch.equal(clean.tokens[[0, 2]], gen.tokens[[0, 2]])
 
 
-def test_dense_row_buffers_reused_across_rows_and_prunes_give_the_fresh_result():
-    # a logit spread of ~250 nats: hot to cold, the row is pruned several times (ping-pong buffers)
+@pytest.mark.parametrize("k", [0, 7])
+def test_every_part_matches_the_float64_specification(k):
+    # a logit spread of ~250 nats: from T = 2 down to 0.02 most of the row underflows in float32
     g = torch.Generator().manual_seed(5)
     ref = torch.randn(3, 6000, generator=g) * 60
     x = ref + torch.randn(3, 6000, generator=g)
-    temps = [2.0, 1.0, 0.5, 0.2, 0.1, 0.05, 0.02]
-    order = list(range(len(temps)))
-    workspace = sampling.dense_workspace(6000)
-    for i in range(3):  # the same buffers, dirty from the previous row
-        reused = sampling._dense_row(ref[i], x[i], temps, order, i, workspace)
-        assert torch.equal(reused, sampling._dense_row(ref[i], x[i], temps, order, i))
-        lp = torch.log_softmax(ref[i].double() / temps[-1], -1)
-        lq = torch.log_softmax(x[i].double() / temps[-1], -1)
-        assert reused[-1, 0].item() == pytest.approx(0.5 * (lp.exp() - lq.exp()).abs().sum().item(), abs=1e-6)
+    x[2] = ref[2]  # identical rows: TV = KL = 0
+    temps = [0.0, 2.0, 1.0, 0.5, 0.2, 0.1, 0.05, 0.02]
+    answers = torch.tensor([int(ref[0].argmax()), 17, -1])
+    rows = sampling.next_token_measures(ref, x, temps, [k], answers)
+    assert list(rows.columns) == ["prompt_index", "temperature", "top_k", *sampling.MEASURES]
+    assert rows.temperature.tolist() == [T for T in temps for _ in range(3)]  # in the order given
+    for r in rows.itertuples():
+        i = r.prompt_index
+        spec = sampling.measures_spec(ref[i], x[i], r.temperature, k, int(answers[i].clamp_min(0)))
+        for m in ("tv", "kl", "entropy"):
+            assert getattr(r, m) == pytest.approx(spec[m], rel=1e-4, abs=2e-6), (m, r)
+        assert r.top1_agree == spec["top1_agree"]
+        if i == 2:
+            assert math.isnan(r.p_answer) and math.isnan(r.logp_answer)
+        else:
+            assert r.logp_answer == pytest.approx(spec["logp_answer"], rel=1e-5, abs=1e-5)
+            assert r.ref_logp_answer == pytest.approx(spec["ref_logp_answer"], rel=1e-5, abs=1e-5)
+            assert r.p_answer == pytest.approx(spec["p_answer"], rel=1e-5, abs=1e-12)
 
 
 def test_masked_tokens_count_as_zero_probability_and_inputs_are_not_modified():
@@ -220,22 +230,12 @@ def test_masked_tokens_count_as_zero_probability_and_inputs_are_not_modified():
     masked_x[:, 250:] = float("-inf")
     before = masked_ref.clone()
     temps, ks = [0.0, 0.3, 1.0, 2.0], [0, 5]
-    rows = sampling.next_token_measures(masked_ref, masked_x, temps, ks)
+    rows = sampling.next_token_measures(masked_ref, masked_x, temps, ks).to_dict("records")
     assert torch.equal(masked_ref, before)  # the -inf are replaced in a copy, not in the caller's tensor
-    expected = sampling.next_token_measures(ref[:, :250], x[:, :250], temps, ks)
+    expected = sampling.next_token_measures(ref[:, :250], x[:, :250], temps, ks).to_dict("records")
     for r, e in zip(rows, expected):
         for key in ("tv", "kl", "entropy"):
             assert r[key] == pytest.approx(e[key], rel=1e-5, abs=1e-6)
-
-
-@pytest.mark.parametrize("V", [50, 5000, 8192, 10001])
-def test_row_argmax_is_torch_argmax_with_first_index_on_ties(V):
-    g = torch.Generator().manual_seed(V)
-    x = torch.randint(0, 40, (64, V), generator=g).float()  # many ties of the maximum
-    x[0, -1] = 100  # the maximum in the tail block
-    x[1, :] = 7  # all equal: index 0
-    assert torch.equal(sampling.row_argmax(x), x.argmax(-1))
-    assert sampling.row_argmax(x)[1] == 0
 
 
 def test_top_k_kl_at_low_temperature_is_finite_for_identical_kept_sets():
@@ -243,12 +243,14 @@ def test_top_k_kl_at_low_temperature_is_finite_for_identical_kept_sets():
     # largest underflows in float32, yet KL is about 1e-40, not inf (a ratio of two zeros)
     ref = torch.tensor([[10.0, 5.0, 0.6, -4.1, -8.8, -30.0, -31.0]])
     x = ref + torch.tensor([[0.0, -0.25, -0.02, 0.03, 0.0, 1.0, -1.0]])  # p2 = e^-100 > 0, q2 = e^-105 = 0
-    row = [r for r in sampling.next_token_measures(ref, x, [0.05, 1.0], [5]) if r["temperature"] == 0.05][0]
+    row = [
+        r for r in sampling.next_token_measures(ref, x, [0.05, 1.0], [5]).to_dict("records") if r["temperature"] == 0.05
+    ][0]
     assert math.isfinite(row["kl"]) and 0 <= row["kl"] < 1e-30
     # and infinite as soon as the kept sets differ (a token the reference keeps, the method drops)
     x2 = x.clone()
     x2[0, 4] = -40.0
-    rows = sampling.next_token_measures(ref, x2, [0.05, 1.0], [5])
+    rows = sampling.next_token_measures(ref, x2, [0.05, 1.0], [5]).to_dict("records")
     assert all(r["kl"] == float("inf") for r in rows if r["temperature"] > 0)
 
 
