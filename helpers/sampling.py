@@ -243,7 +243,7 @@ def _dense(ref: torch.Tensor, x: torch.Tensor, hot: list[float], ans: torch.Tens
     rows are shared out over the machine's threads, each running single-threaded torch ops (short
     ops on wide rows gain nothing from OpenMP), with subnormal results flushed to zero.
     """
-    P = len(x)
+    P, same = len(x), x is ref  # the reference against itself: one distribution per row
     threads = torch.get_num_threads()
     workers = max(1, min(threads, P))
     out = torch.empty(P, len(hot), 7, dtype=torch.float64)
@@ -253,7 +253,7 @@ def _dense(ref: torch.Tensor, x: torch.Tensor, hot: list[float], ans: torch.Tens
         try:
             with torch.inference_mode():
                 for i in range(first, P, workers):
-                    out[i] = _dense_row(ref[i], x[i], hot, int(ans[i]))
+                    out[i] = _dense_row(ref[i], None if same else x[i], hot, int(ans[i]))
         finally:
             if flushed:
                 torch.set_flush_denormal(False)
@@ -269,33 +269,33 @@ def _dense(ref: torch.Tensor, x: torch.Tensor, hot: list[float], ans: torch.Tens
     return dict(zip(names, cols))
 
 
-def _dense_row(ref: torch.Tensor, x: torch.Tensor, hot: list[float], j: int) -> torch.Tensor:
+def _dense_row(ref: torch.Tensor, x: torch.Tensor | None, hot: list[float], j: int) -> torch.Tensor:
     """``[T, 7]``: (tv, kl, entropy, p_answer, ref_p_answer, logp_answer, ref_logp_answer) of one row.
 
     With ``a``, ``b`` the logits shifted to a maximum of 0, ``e_a = exp(a / T)``, ``Z_a = sum e_a``
     (and the same for ``b``): ``KL = sum e_a (a - b) / (T Z_a) - log(Z_a / Z_b)``,
     ``H = log Z_b - sum e_b b / (T Z_b)``, ``TV = sum |e_a - (Z_a / Z_b) e_b| / (2 Z_a)``. The
     exponentials are ``exp2`` of logits pre-scaled by log2(e), which is cheaper than ``exp``.
+    ``x`` None: the method is the reference itself (TV = KL = 0; one row of exponentials).
     """
-    a, b = ref - ref.max(), x - x.max()
-    a2, b2, d = a * LOG2E, b * LOG2E, a - b
+    a = ref - ref.max()
+    b = a if x is None else x - x.max()
+    a2 = a * LOG2E
+    b2 = a2 if x is None else b * LOG2E
+    d = a - b
     aj, bj = float(a[j]), float(b[j])
     out = torch.empty(len(hot), 7, dtype=torch.float64)
     for t, T in enumerate(hot):
         s = 1.0 / T
-        ea, eb = torch.exp2(a2 * s), torch.exp2(b2 * s)
+        ea = torch.exp2(a2 * s)
+        eb = ea if x is None else torch.exp2(b2 * s)
         za, zb = float(ea.sum()), float(eb.sum())
         lza, lzb = math.log(za), math.log(zb)
+        tv = 0.0 if x is None else 0.5 * float(torch.sub(ea, eb, alpha=za / zb).abs_().sum()) / za
+        kl = 0.0 if x is None else float(torch.dot(ea, d)) * s / za - (lza - lzb)
+        entropy = lzb - float(torch.dot(eb, b)) * s / zb
         out[t] = torch.tensor(
-            (
-                0.5 * float(torch.sub(ea, eb, alpha=za / zb).abs_().sum()) / za,
-                float(torch.dot(ea, d)) * s / za - (lza - lzb),
-                lzb - float(torch.dot(eb, b)) * s / zb,
-                math.exp(bj * s - lzb),
-                math.exp(aj * s - lza),
-                bj * s - lzb,
-                aj * s - lza,
-            ),
+            (tv, kl, entropy, math.exp(bj * s - lzb), math.exp(aj * s - lza), bj * s - lzb, aj * s - lza),
             dtype=torch.float64,
         )
     return out

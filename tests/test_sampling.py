@@ -304,3 +304,14 @@ def test_sequences_of_different_settings_share_a_batch(loaded):
     assert torch.allclose(mixed.nll, sampling.reference_nll(model, mixed.prompt_ids, mixed.tokens), atol=1e-4)
     with pytest.raises(ValueError, match="temperature"):
         sampling.generate(model, tok, prompts, seeds, [0.7, 1.0], 0, 2)
+
+
+def test_the_reference_against_itself_takes_the_one_distribution_path():
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(4, 3000, generator=g) * 8
+    answers = torch.tensor([0, 5, 9, 11])
+    same = sampling.next_token_measures(x, x, [0.3, 1.0, 1.7], [0], answers)  # one tensor: one row of exps
+    copy = sampling.next_token_measures(x, x.clone(), [0.3, 1.0, 1.7], [0], answers)  # two tensors
+    assert (same.tv == 0).all() and (same.kl == 0).all()
+    for m in ("entropy", "logp_answer", "ref_logp_answer", "p_answer"):
+        assert same[m].to_numpy() == pytest.approx(copy[m].to_numpy(), rel=1e-6, abs=1e-9)
