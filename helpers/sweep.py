@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import pandas as pd
 import torch
@@ -101,6 +101,17 @@ def last_token_logits(model, tokenizer, prompts: list[str], batch_size: int = 32
         logits = model(input_ids=x, attention_mask=mask, position_ids=pos, logits_to_keep=1).logits
         out.append(logits[:, -1].float().cpu())
     return torch.cat(out)
+
+
+class Unit(NamedTuple):
+    """One resumable piece of the sweep: a (model, method)'s exact analysis (``kind`` "exact") or its
+    generations at one (temperature, top-k) (``kind`` "gen")."""
+
+    kind: str
+    model: str
+    method: str
+    temperature: float | None = None
+    top_k: int | None = None
 
 
 @dataclass
@@ -223,35 +234,35 @@ class Sweep:
             "code": self.code,
         }
 
-    def units(self) -> list[tuple]:
+    def units(self) -> list[Unit]:
         """Every unit of the configuration, in the order they run: model by model, the reference
         first, each method's exact unit before its generation units (``gen_methods`` only)."""
         c, todo = self.cfg, []
         for model in c.models:
             for method in c.ordered_methods:
-                todo.append(("exact", model, method))
+                todo.append(Unit("exact", model, method))
                 if method in c.ordered_gen_methods:
-                    todo += [("gen", model, method, t, k) for t in c.gen_temperatures for k in c.gen_top_ks]
+                    todo += [Unit("gen", model, method, t, k) for t in c.gen_temperatures for k in c.gen_top_ks]
         return todo
 
-    def pending(self) -> list[tuple]:
+    def pending(self) -> list[Unit]:
         """Units still to compute, in the order they will run."""
-        return [
-            u
-            for u in self.units()
-            if not (
-                self.exact_store.done(self.exact_key(*u[1:]))
-                if u[0] == "exact"
-                else self.gen_store.done(self.gen_key(*u[1:]))
-            )
-        ]
+        return [u for u in self.units() if not self._store(u).done(self._key(u))]
+
+    def _store(self, unit: Unit) -> ResultStore:
+        return self.exact_store if unit.kind == "exact" else self.gen_store
+
+    def _key(self, unit: Unit) -> dict[str, Any]:
+        if unit.kind == "exact":
+            return self.exact_key(unit.model, unit.method)
+        return self.gen_key(unit.model, unit.method, unit.temperature, unit.top_k)
 
     def collect(self) -> tuple[pd.DataFrame, pd.DataFrame]:
         """``(next_token, generations)``: the rows of this configuration's stored units only
         (a store folder may also hold other profiles' units, or units of older code)."""
         units = self.units()
-        exact = [self.exact_store.read_unit(self.exact_key(*u[1:])) for u in units if u[0] == "exact"]
-        gen = [self.gen_store.read_unit(self.gen_key(*u[1:])) for u in units if u[0] == "gen"]
+        exact = [self.exact_store.read_unit(self._key(u)) for u in units if u.kind == "exact"]
+        gen = [self.gen_store.read_unit(self._key(u)) for u in units if u.kind == "gen"]
         return pd.concat(exact, ignore_index=True), pd.concat(gen, ignore_index=True)
 
     def timings(self) -> pd.DataFrame:
@@ -272,34 +283,34 @@ class Sweep:
         reference's units go first, in a phase of their own, because the other methods' generations
         are compared with the reference's."""
         share = workers.share if workers is not None else list
-        self._run(share([u for u in self.pending() if u[2] == self.cfg.reference]))
+        self._run(share([u for u in self.pending() if u.method == self.cfg.reference]))
         if workers is not None:
             workers.wait()
         self._run(share(self.pending()))
 
-    def _run(self, todo: list[tuple]) -> None:
+    def _run(self, todo: list[Unit]) -> None:
         bar = self.progress(total=len(todo), desc="sweep units") if todo else None
         for model_name in self.cfg.models:
-            units = [u for u in todo if u[1] == model_name]
+            units = [u for u in todo if u.model == model_name]
             if not units:
                 continue
             ref_model, ref_tok = registry.load(model_name, self.cfg.reference, self.cfg.device, self.cfg.compute_dtype)
             ref_logits = None
             for method in self.cfg.ordered_methods:
-                mine = [u for u in units if u[2] == method]
+                mine = [u for u in units if u.method == method]
                 if not mine:
                     continue
                 if method == self.cfg.reference:
                     model, tok = ref_model, ref_tok
                 else:
                     model, tok = registry.load(model_name, method, self.cfg.device, self.cfg.compute_dtype)
-                if ("exact", model_name, method) in mine:
+                if Unit("exact", model_name, method) in mine:
                     if ref_logits is None:
                         ref_logits = last_token_logits(ref_model, ref_tok, list(self.prompts.prompt))
                     self._exact(model_name, method, model, tok, ref_logits)
                     if bar is not None:
                         bar.update(1)
-                for group in self._gen_groups([u for u in mine if u[0] == "gen"]):
+                for group in self._gen_groups([u for u in mine if u.kind == "gen"]):
                     self._generations(model_name, method, group, model, tok, ref_model)
                     if bar is not None:
                         bar.update(len(group))
@@ -350,13 +361,13 @@ class Sweep:
             (i, s) for i in range(len(self.gen_prompts)) for s in range(1 if temperature == 0 else self.cfg.n_seeds)
         ]
 
-    def _gen_groups(self, units: list[tuple]) -> list[list[tuple]]:
+    def _gen_groups(self, units: list[Unit]) -> list[list[Unit]]:
         """Consecutive generation units packed into groups of at most ``batch_size`` sequences, which
         are decoded together (a larger unit is a group of its own, decoded in several batches)."""
-        groups: list[list[tuple]] = []
+        groups: list[list[Unit]] = []
         size = 0
         for unit in units:
-            n = len(self._unit_jobs(unit[3]))
+            n = len(self._unit_jobs(unit.temperature))
             if groups and size + n <= self.cfg.batch_size:
                 groups[-1].append(unit)
                 size += n
@@ -379,8 +390,9 @@ class Sweep:
         prompts, longest, is_ref = self.gen_prompts, max(c.max_new_tokens), method == c.reference
         decoded: dict[tuple, int] = {}  # (prompt index, sample, T, top-k that matters) -> generated row
         for unit in units:
-            for i, s in self._unit_jobs(unit[3]):
-                decoded.setdefault((i, s, unit[3], unit[4] if unit[3] > 0 else 0), len(decoded))
+            for i, s in self._unit_jobs(unit.temperature):
+                top_k = unit.top_k if unit.temperature > 0 else 0
+                decoded.setdefault((i, s, unit.temperature, top_k), len(decoded))
         keys = list(decoded)
         seeds = [sampling.sequence_seed(prompts.id[i], s, c.base_seed) for i, s, _, _ in keys]
         gen_s, gen = timed(
@@ -404,8 +416,9 @@ class Sweep:
             else timed(lambda: sampling.reference_nll(ref_model, gen.prompt_ids, gen.tokens), c.device)
         )
         eos = {t for t in [tok.eos_token_id, getattr(tok, "pad_token_id", None)] if t is not None}
-        n_jobs = sum(len(self._unit_jobs(u[3])) for u in units)
-        for _, _, _, temperature, top_k in units:
+        n_jobs = sum(len(self._unit_jobs(u.temperature)) for u in units)
+        for unit in units:
+            temperature, top_k = unit.temperature, unit.top_k
             jobs = self._unit_jobs(temperature)
             ref_lookup = {} if is_ref else self._reference_tokens(model_name, temperature, top_k)
             rows = []

@@ -135,8 +135,13 @@ def test_gen_methods_default_to_methods_and_only_they_generate(tmp_path):
     cfg.gen_methods = ["fp4", "fp32"]
     assert cfg.ordered_gen_methods == ["fp32", "fp4"]
     units = sweep.Sweep(cfg, tmp_path).units()
-    assert [u[2] for u in units if u[0] == "exact"] == ["fp32", "nf4", "fp4"]
-    assert [(u[2], u[3]) for u in units if u[0] == "gen"] == [("fp32", 0.0), ("fp32", 1.0), ("fp4", 0.0), ("fp4", 1.0)]
+    assert [u.method for u in units if u.kind == "exact"] == ["fp32", "nf4", "fp4"]
+    assert [(u.method, u.temperature) for u in units if u.kind == "gen"] == [
+        ("fp32", 0.0),
+        ("fp32", 1.0),
+        ("fp4", 0.0),
+        ("fp4", 1.0),
+    ]
 
 
 def _decode(ids, skip_special_tokens=True):
