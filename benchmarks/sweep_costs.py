@@ -67,22 +67,9 @@ def main() -> None:
             jobs = [(p, s) for p in sub.prompt for s in range(4)]
             seeds = [sampling.sequence_seed(p, s) for p, s in jobs]
             texts = [p for p, _ in jobs]
-
-            def loop():
-                return [sampling.generate(model, tok, [t], [s], 0.8, 0, 16).tokens[0] for t, s in zip(texts, seeds)]
-
-            batched_s = median_time(lambda: sampling.generate(model, tok, texts, seeds, 0.8, 0, 16, batch_size=64), 2)
-            loop_s = median_time(loop, 1)
-            same = torch.equal(torch.stack(loop()), sampling.generate(model, tok, texts, seeds, 0.8, 0, 16).tokens)
+            check = sweep.batched_vs_loop(model, tok, texts, seeds, 0.8, 16, batch_size=64)
             rows.append(
-                {
-                    "model": name,
-                    "benchmark": f"{len(jobs)} samples x 16 tokens: per-sample loop / batched",
-                    "loop_s": loop_s,
-                    "batched_s": batched_s,
-                    "speedup": loop_s / batched_s,
-                    "identical_samples": same,
-                }
+                {"model": name, "benchmark": f"{len(jobs)} samples x 16 tokens: per-sample loop / batched", **check}
             )
     df = pd.DataFrame(rows)
     print(df.round(3).to_string(index=False))

@@ -458,6 +458,35 @@ class Sweep:
             )
 
 
+def batched_vs_loop(
+    model, tok, texts: list[str], seeds: list[int], temperature: float, new_tokens: int, batch_size: int
+) -> dict[str, Any]:
+    """Time seeded sampling of ``texts`` as one batch against a per-sample loop (after a warm-up).
+
+    Both draw every token from the sample's own stream of uniform numbers, so the sequences should
+    be identical; ``identical_sequences`` is the share that is (batched logits may differ from a
+    one-sequence pass in the last bits, which moves a draw lying next to a token boundary)."""
+    sampling.generate(model, tok, texts[:2], seeds[:2], temperature, 0, 2)  # warm-up
+    batched_s, batched = timed(
+        lambda: sampling.generate(model, tok, texts, seeds, temperature, 0, new_tokens, batch_size)
+    )
+    loop_s, looped = timed(
+        lambda: [
+            sampling.generate(model, tok, [t], [s], temperature, 0, new_tokens).tokens[0] for t, s in zip(texts, seeds)
+        ]
+    )
+    same = (torch.stack(looped) == batched.tokens).all(1)
+    return {
+        "samples": len(texts),
+        "new_tokens": new_tokens,
+        "temperature": temperature,
+        "loop_s": loop_s,
+        "batched_s": batched_s,
+        "speedup": loop_s / batched_s,
+        "identical_sequences": same.float().mean().item(),
+    }
+
+
 # scores of a generation that are NaN when its logits overflowed (its tokens are kept)
 GENERATION_SCORES = (
     "ref_nll",
