@@ -166,6 +166,95 @@ def combine_verdicts(verdicts: Sequence[str]) -> str:
     return "inconclusive"
 
 
+def cloze_pairs(cloze: pd.DataFrame, model: str, a: str, b: str, bands: Sequence[Sequence[float]]) -> np.ndarray:
+    """Per cloze prompt: ``Q_a``, ``Q_b`` and the reference's ``Q`` (mean ``p_answer`` over each band's
+    temperatures), band after band: ``[prompts, 3 * len(bands)]``, prompts missing a value dropped."""
+    cols = []
+    for band in bands:
+        for m in (a, b):
+            cols.append(band_means(cloze[(cloze.model == model) & (cloze.method == m)], "p_answer", band))
+        cols.append(band_means(cloze[(cloze.model == model) & (cloze.method == a)], "ref_p_answer", band))
+    return pd.concat(cols, axis=1).dropna().to_numpy()
+
+
+def cloze_claims(
+    cloze: pd.DataFrame,
+    index: pd.DataFrame,
+    low_band: Sequence[float],
+    high_band: Sequence[float],
+    margin: float,
+    n_boot: int = 1000,
+) -> pd.DataFrame:
+    """C1, C2 and C3 per model on the cloze prompts (notebook 04, section 7), with ``overall``.
+
+    ``cloze``: exact next-token rows (top-k off) with ``p_answer``/``ref_p_answer``; ``index``: the
+    sensitivity index per (model, method) from :func:`sensitivity_index`. C1: nf4 and fp4 equal
+    within ``margin`` over all temperatures; C2: their relative losses differ between the bands
+    (:func:`differs_verdict`); C3: every 4-bit method's index above 0 (int8 listed as a contrast).
+    """
+    all_T = [float(cloze.temperature.min()), float(cloze.temperature.max())]
+    have, claims = set(cloze.method), []
+    for model in dict.fromkeys(cloze.model):
+        if {"nf4", "fp4"} <= have:
+            x = cloze_pairs(cloze, model, "nf4", "fp4", [all_T])
+            est, lo, hi = bootstrap_ci_of(x, lambda m: (m[..., 0] - m[..., 1]) / m[..., 2], n_boot)
+            claims.append(
+                {
+                    "claim": "C1",
+                    "model": model,
+                    "statistic": "(Q_nf4 - Q_fp4) / Q_fp32, all T",
+                    "estimate": est,
+                    "ci_low": lo,
+                    "ci_high": hi,
+                    "verdict": equivalence_verdict(lo, hi, margin),
+                    "numbers": f"margin ±{margin}",
+                }
+            )
+            x = cloze_pairs(cloze, model, "fp4", "nf4", [low_band, high_band])
+            est, lo, hi = bootstrap_ci_of(
+                x, lambda m: (m[..., 1] - m[..., 0]) / m[..., 2] - (m[..., 4] - m[..., 3]) / m[..., 5], n_boot
+            )
+            low, high = ((x[:, 1] - x[:, 0]).mean() / x[:, 2].mean(), (x[:, 4] - x[:, 3]).mean() / x[:, 5].mean())
+            claims.append(
+                {
+                    "claim": "C2",
+                    "model": model,
+                    "statistic": "[R_fp4 - R_nf4](low) - [R_fp4 - R_nf4](high)",
+                    "estimate": est,
+                    "ci_low": lo,
+                    "ci_high": hi,
+                    "verdict": differs_verdict(lo, hi, margin),
+                    "numbers": f"R_fp4 - R_nf4 low band {low:.3f}, high band {high:.3f}",
+                }
+            )
+        four_bit = index[(index.model == model) & index.method.isin(["nf4", "nf4-dq", "fp4", "fp4-dq"])]
+        if len(four_bit):
+            int8 = index[(index.model == model) & (index.method == "int8")]
+            numbers = "; ".join(
+                f"{r.method} {r.index:+.3f} [{r.index_low:+.3f}, {r.index_high:+.3f}]" for r in four_bit.itertuples()
+            )
+            numbers += "".join(
+                f"; int8 (8-bit contrast) {r.index:+.3f} [{r.index_low:+.3f}, {r.index_high:+.3f}]"
+                for r in int8.itertuples()
+            )
+            verdicts = [sign_verdict(r.index_low, r.index_high) for r in four_bit.itertuples()]
+            claims.append(
+                {
+                    "claim": "C3",
+                    "model": model,
+                    "statistic": "S = R(low) - R(high), each 4-bit method",
+                    "estimate": four_bit["index"].mean(),
+                    "ci_low": four_bit.index_low.min(),
+                    "ci_high": four_bit.index_high.max(),
+                    "verdict": combine_verdicts(verdicts),
+                    "numbers": numbers,
+                }
+            )
+    claims = pd.DataFrame(claims)
+    overall = claims.groupby("claim").verdict.apply(lambda v: combine_verdicts(list(v))).rename("overall")
+    return claims.join(overall, on="claim")
+
+
 # --------------------------------------------------------------------------- running text
 BLOCK_KEY = ["doc", "window", "block"]
 

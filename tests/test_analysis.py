@@ -84,3 +84,45 @@ def test_mean_ci_by_averages_samples_of_a_prompt_first():
     assert t.loc["a", "prompts"] == 2 and t.loc["a", "low"] >= 2.0 and t.loc["a", "high"] <= 10.0
     assert (t.loc["b", ["mean", "low", "high"]] == 5.0).all()
     assert "c" not in t.index  # no value at all: left out
+
+
+def _cloze(fp4_low_factor: float) -> pd.DataFrame:
+    """4 prompts at T = 0.2 and 1.0; fp32 and nf4 put r on the answer, fp4 r * factor at T = 0.2 and r at 1.0."""
+    rows = []
+    for i, r in enumerate([0.2, 0.4, 0.6, 0.8]):
+        for T in (0.2, 1.0):
+            for method, p in (("fp32", r), ("nf4", r), ("fp4", r * fp4_low_factor if T == 0.2 else r)):
+                rows.append(
+                    {
+                        "model": "m",
+                        "method": method,
+                        "prompt_id": f"c{i}",
+                        "temperature": T,
+                        "p_answer": p,
+                        "ref_p_answer": r,
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def test_cloze_claims_by_hand():
+    index = pd.DataFrame(
+        {
+            "model": "m",
+            "method": ["int8", "nf4", "fp4"],
+            "index": [0.0, 0.1, 0.2],
+            "index_low": [-0.1, 0.05, 0.1],
+            "index_high": [0.1, 0.15, 0.3],
+        }
+    )
+    same = analysis.cloze_claims(_cloze(1.0), index, [0.1, 0.5], [0.8, 1.2], margin=0.05, n_boot=200).set_index("claim")
+    assert same.estimate["C1"] == pytest.approx(0) and same.verdict["C1"] == "holds"  # nf4 = fp4: equal
+    assert same.verdict["C2"] == "does not hold"  # no difference in either band: inside the margin
+    assert same.verdict["C3"] == "holds" and same.estimate["C3"] == pytest.approx(0.15)  # both 4-bit indices > 0
+    assert "int8 (8-bit contrast) +0.000" in same.numbers["C3"]
+    # fp4 keeps half the reference's probability at low T, all of it at high T
+    half = analysis.cloze_claims(_cloze(0.5), index, [0.1, 0.5], [0.8, 1.2], margin=0.05, n_boot=200).set_index("claim")
+    assert half.estimate["C1"] == pytest.approx(0.25)  # (Q_nf4 - Q_fp4) / Q_fp32 over both T: (1 - 0.75) / 1
+    assert half.verdict["C1"] == "does not hold"
+    assert half.estimate["C2"] == pytest.approx(0.5) and half.verdict["C2"] == "holds"  # R_fp4 - R_nf4: 0.5 low, 0 high
+    assert set(half.overall) <= set(analysis.VERDICTS)
