@@ -1,4 +1,4 @@
-"""Perplexity on held-out text and seeded continuations.
+"""Perplexity on held-out text, seeded continuations, and the methods table of notebook 01.
 
 Perplexity is computed over non-overlapping windows of the token stream (every method sees
 exactly the same windows, so differences between methods are paired), with log-softmax in
@@ -9,10 +9,18 @@ notebooks can bootstrap confidence intervals over tokens.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
+import numpy as np
 import torch
+
+from . import methods as registry
+from . import quantization as qz
+from .runtime import machine_load
+from .stats import bootstrap_ci
 
 
 @dataclass
@@ -127,3 +135,87 @@ def scored_bytes(tokenizer, text: str, max_tokens: int | None = None, window: in
         len(tokenizer.decode(win[1:], skip_special_tokens=True).encode("utf-8"))
         for win in token_windows(ids, window, tokenizer.bos_token_id)
     )
+
+
+def evaluate_method(
+    model_name: str,
+    method: str,
+    *,
+    device: str,
+    compute_dtype: str,
+    text: str | None,
+    max_eval_tokens: int | None,
+    eval_window: int,
+    generation: dict[str, Any],
+    fp32_weights: Callable[[list[str]], dict[str, torch.Tensor]] | None = None,
+) -> tuple[dict[str, Any], str, np.ndarray | None]:
+    """Load one (model, method) and measure its row of notebook 01's methods table.
+
+    Storage and bits are read before the first forward pass (some CPU kernels repack 4-bit weights
+    then); the weight SQNR compares the dequantized layers with ``fp32_weights(names)`` (``{name +
+    ".weight": tensor}``; None skips it); perplexity on ``text`` (None skips it); a seeded
+    continuation with ``generation`` (prompt, max_new_tokens, temperature, top_k, seed).
+    Returns ``(row, continuation, per-token NLL or None)``.
+    """
+    spec = registry.get_method(method)
+    t0 = time.perf_counter()
+    model, tokenizer = registry.load(model_name, method, device=device, compute_dtype=compute_dtype)
+    load_s = time.perf_counter() - t0
+    report = qz.storage_report(model)
+    noise = qz.WeightNoise()
+    if spec.quantized and fp32_weights is not None:
+        dequantized = dict(qz.dequantized_linears(model))  # also before the first forward
+        reference = fp32_weights(list(dequantized))
+        for name, deq in dequantized.items():
+            noise.add(reference[f"{name}.weight"], deq)
+        del dequantized
+    fused = qz.cpu_fused_4bit(model)  # this CPU's 4-bit kernel: fused bf16, or dequantize + matmul
+    layers = registry.layer_summary(model)
+    t0 = time.perf_counter()
+    ppl = None if text is None else perplexity(model, tokenizer, text, max_tokens=max_eval_tokens, window=eval_window)
+    eval_s = time.perf_counter() - t0
+    try:
+        text_out, prompt_finite = continuation(model, tokenizer, **generation), True
+    except NonFiniteLogitsError as err:
+        text_out, prompt_finite = f"[no continuation: {err}]", False
+    footprint = model.get_memory_footprint()  # what transformers reports, for comparison
+    del model
+    linear_class = next((c for c in layers if c.startswith("Linear")), "?")
+    dtype = registry.compute_dtype_for(spec, device, compute_dtype)
+    row = {
+        "model": model_name,
+        "method": method,
+        "compute_dtype": str(dtype).replace("torch.", ""),
+        "linear_class": linear_class,
+        "linear_weight_dtype": layers.get(linear_class, {}).get("weight_dtype"),
+        "quantized_params": report.quantized_params,
+        "other_params": report.other_params,
+        "payload_MiB": report.quantized_payload_bytes / 2**20,
+        "quant_state_MiB": report.quant_state_bytes / 2**20,
+        "other_MiB": report.other_bytes / 2**20,
+        "total_MiB": report.total_bytes / 2**20,
+        "hf_footprint_MiB": footprint / 2**20,
+        "bits_per_quantized_param": report.bits_per_quantized_parameter,
+        "nominal_bits": spec.nominal_bits if spec.quantized else np.nan,
+        "weight_sqnr_db": noise.sqnr_db if noise.count else np.nan,
+        "fused_cpu_4bit_kernel": fused,
+        "perplexity_evaluated": ppl is not None,
+        "perplexity": ppl.ppl if ppl is not None else np.nan,
+        "finite_logits": prompt_finite and (ppl is None or bool(torch.isfinite(ppl.token_nll).all())),
+        "scored_tokens": ppl.n_tokens if ppl is not None else 0,
+        "load_s": load_s,
+        "eval_s": eval_s,
+        "load_average": machine_load(),
+    }
+    return row, text_out, None if ppl is None else ppl.token_nll.numpy()
+
+
+def paired_nll_delta(
+    token_nll: dict[tuple[str, str], np.ndarray], model: str, key: str, n_boot: int, seed: int = 0, reference="fp32"
+) -> tuple[float, float, float]:
+    """Mean per-token NLL difference of ``key`` from ``reference`` on the same tokens, with its
+    block-bootstrap interval (blocks of 32 tokens); NaN where either was not scored or overflowed."""
+    ref, other = token_nll.get((model, reference)), token_nll.get((model, key))
+    if ref is None or other is None or not np.isfinite(other - ref).all():
+        return (np.nan, np.nan, np.nan)
+    return bootstrap_ci(other - ref, block=32, n_boot=n_boot, seed=seed)

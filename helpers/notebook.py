@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from helpers import methods as registry, provenance, runtime
+from . import methods as registry, provenance, runtime
 
 #: The folder the notebooks live in (papermill and Jupyter run them with it as working directory).
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from helpers import REPO_ROOT, evaluation, runtime
+from helpers import quantization as qz
 
 
 def test_configure_threads(monkeypatch):
@@ -118,3 +120,46 @@ def test_scored_bytes_cover_the_scored_text(loaded):
 def test_timed_returns_seconds_and_result():
     seconds, value = runtime.timed(lambda: sum(range(1000)))
     assert value == 499500 and seconds >= 0
+
+
+@pytest.mark.models
+def test_evaluate_method_row_agrees_with_its_parts(loaded):
+    text = evaluation.read_text(REPO_ROOT / "data" / "heldout_english.txt")
+    fp32 = {f"{n}.weight": w.weight.detach().float() for n, w in qz.quantizable_linears(loaded("fp32")[0]).items()}
+    gen = dict(prompt="The river", max_new_tokens=4, temperature=0.0, top_k=0, seed=0)
+    row, out, nll = evaluation.evaluate_method(
+        "smollm2-135m",
+        "nf4",
+        device="cpu",
+        compute_dtype="auto",
+        text=text,
+        max_eval_tokens=120,
+        eval_window=60,
+        generation=gen,
+        fp32_weights=lambda names: {f"{n}.weight": fp32[f"{n}.weight"] for n in names},
+    )
+    assert row["method"] == "nf4" and row["perplexity_evaluated"] and row["finite_logits"]
+    assert row["perplexity"] == pytest.approx(float(np.exp(nll.mean())), rel=1e-5) and len(nll) == row["scored_tokens"]
+    assert 4.0 < row["bits_per_quantized_param"] < 4.6  # 4-bit codes + one fp32 absmax per 64 weights = 4.5
+    assert 10 < row["weight_sqnr_db"] < 30  # 4-bit round trips of Gaussian-like weights: about 20 dB
+    assert out == evaluation.continuation(*loaded("nf4"), **gen)  # greedy: the same text
+    skipped, _, none = evaluation.evaluate_method(
+        "smollm2-135m",
+        "fp32",
+        device="cpu",
+        compute_dtype="auto",
+        text=None,
+        max_eval_tokens=None,
+        eval_window=60,
+        generation=gen,
+    )
+    assert none is None and not skipped["perplexity_evaluated"] and np.isnan(skipped["weight_sqnr_db"])
+
+
+def test_paired_nll_delta_by_hand():
+    rng = np.random.default_rng(0)
+    ref = rng.normal(3, 1, 256)
+    token_nll = {("m", "fp32"): ref, ("m", "nf4"): ref + 0.1, ("m", "fp16"): ref * np.nan}
+    assert evaluation.paired_nll_delta(token_nll, "m", "nf4", n_boot=200) == pytest.approx((0.1, 0.1, 0.1))
+    assert all(np.isnan(evaluation.paired_nll_delta(token_nll, "m", "fp16", n_boot=200)))  # overflowed
+    assert all(np.isnan(evaluation.paired_nll_delta(token_nll, "m", "int8", n_boot=200)))  # not scored
