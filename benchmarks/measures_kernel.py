@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pandas as pd
@@ -29,18 +28,9 @@ import torch
 
 from helpers import REPO_ROOT, methods, runtime, sampling, textscore
 from helpers.provenance import save_table
+from sweep_costs import median_time  # benchmarks/ is the script's folder, so on its path
 
 TEMPERATURES = [0.25, 0.5, 0.65, 0.8, 1.0, 1.25, 1.5, 2.0]
-
-
-def best_of(fn, repeats: int = 3) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def blocks_log_softmax(ref, x, temps, block=8):
@@ -129,11 +119,11 @@ def main() -> None:
     }
     rows = []
     for name, fn in variants.items():
-        seconds = best_of(fn)
+        seconds = median_time(fn)
         diff = float((fn() - expected).abs().max())
         rows.append({"variant": name, "ms_per_row_and_T": 1e3 * seconds / P / len(TEMPERATURES), "max_abs_diff": diff})
     for name, fn in (("argmax(-1)", lambda: ref.argmax(-1)), ("max(-1).indices", lambda: sampling.argmax(ref))):
-        rows.append({"variant": name, "ms_per_row_and_T": 1e3 * best_of(fn) / P, "max_abs_diff": 0.0})
+        rows.append({"variant": name, "ms_per_row_and_T": 1e3 * median_time(fn) / P, "max_abs_diff": 0.0})
     table = pd.DataFrame(rows)
     kernel_ms = table.ms_per_row_and_T.iloc[3]
     table["relative_to_kernel"] = table.ms_per_row_and_T / kernel_ms

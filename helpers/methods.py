@@ -171,6 +171,31 @@ def check_parameters(
         check_available(models, timeout_s=timeout_s)
 
 
+@dataclass
+class ComparisonConfig:
+    """What every comparison of methods needs: the models, the methods, the reference the others
+    are compared with, and where they run. :class:`helpers.sweep.SweepConfig` and
+    :class:`helpers.textscore.TextConfig` add their own settings to these."""
+
+    models: list[str]
+    methods: list[str]
+    reference: str = "fp32"
+    device: str = "cpu"
+    compute_dtype: str = "auto"
+
+    def validate(self) -> None:
+        """Every check of these fields that needs no model: one line naming what is wrong."""
+        if not self.models:
+            raise ValueError("the list of models is empty")
+        validate_methods(self.methods)
+        get_method(self.reference)
+        if self.reference not in self.methods:
+            raise ValueError(f"the reference method {self.reference!r} must be in methods {self.methods}")
+        resolve_device(self.device)
+        for m in self.methods:
+            compute_dtype_for(get_method(m), self.device, self.compute_dtype)
+
+
 def compute_dtype_for(method: Method, device: str, compute_dtype: str = "auto") -> torch.dtype:
     """The dtype of activations and unquantized modules for ``method`` on ``device``."""
     if method.kind == "float":

@@ -31,7 +31,7 @@ import torch
 
 from . import methods as registry
 from . import sampling
-from .runtime import machine_load, resolve_device, timed
+from .runtime import machine_load, timed
 from .store import ResultStore
 
 PROMPT_COLUMNS = ("id", "kind", "category", "prompt", "answer")
@@ -115,14 +115,9 @@ class Unit(NamedTuple):
 
 
 @dataclass
-class SweepConfig:
+class SweepConfig(registry.ComparisonConfig):
     """Everything that decides the sweep's numbers (and so the stored units' keys)."""
 
-    models: list[str]
-    methods: list[str]
-    reference: str = "fp32"
-    device: str = "cpu"
-    compute_dtype: str = "auto"
     prompts_file: str = "data/prompts.csv"
     exact_temperatures: list[float] = field(default_factory=lambda: [0.0] + [round(0.1 * i, 1) for i in range(1, 21)])
     exact_top_ks: list[int] = field(default_factory=lambda: [0, 5, 20, 50, 200])
@@ -142,10 +137,7 @@ class SweepConfig:
 
     def validate(self) -> None:
         """Every check that needs no model: fails in one line before any heavy work."""
-        registry.validate_methods(self.methods)
-        registry.get_method(self.reference)
-        if self.reference not in self.methods:
-            raise ValueError(f"the reference method {self.reference!r} must be in methods {self.methods}")
+        super().validate()
         if self.gen_methods is not None:
             registry.validate_methods(self.gen_methods)
             if self.reference not in self.gen_methods:
@@ -156,16 +148,11 @@ class SweepConfig:
             extra = [m for m in self.gen_methods if m not in self.methods]
             if extra:
                 raise ValueError(f"gen_methods {extra} are not in methods {self.methods}")
-        resolve_device(self.device)
-        for m in self.methods:
-            registry.compute_dtype_for(registry.get_method(m), self.device, self.compute_dtype)
         sampling.validate_grid(self.exact_temperatures, self.exact_top_ks, self.max_new_tokens)
         sampling.validate_grid(self.gen_temperatures, self.gen_top_ks, self.max_new_tokens)
         for name in ("n_seeds", "batch_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if not self.models:
-            raise ValueError("the list of models is empty")
         read_prompts(self.prompts_file)
 
     @property

@@ -203,14 +203,9 @@ def _code_only(fn) -> str:
 
 
 @dataclass
-class TextConfig:
+class TextConfig(registry.ComparisonConfig):
     """Every setting that decides the running-text units' numbers (and so their keys)."""
 
-    models: list[str]
-    methods: list[str]
-    reference: str = "fp32"
-    device: str = "cpu"
-    compute_dtype: str = "auto"
     manifest: str = "data/texts/manifest.csv"
     window: int = 512
     block: int = 64
@@ -221,11 +216,7 @@ class TextConfig:
 
     def validate(self) -> None:
         """Every check that needs no model: fails in one line before any heavy work."""
-        registry.validate_methods(self.methods)
-        if self.reference not in self.methods:
-            raise ValueError(f"the reference method {self.reference!r} must be in methods {self.methods}")
-        if not self.models:
-            raise ValueError("the list of models is empty")
+        super().validate()
         sampling.validate_grid(list(self.temperatures), list(self.top_ks), [1])
         for name in ("window", "block", "fit_positions"):
             value = getattr(self, name)

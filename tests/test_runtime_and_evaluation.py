@@ -127,32 +127,17 @@ def test_evaluate_method_row_agrees_with_its_parts(loaded):
     text = evaluation.read_text(REPO_ROOT / "data" / "heldout_english.txt")
     fp32 = {f"{n}.weight": w.weight.detach().float() for n, w in qz.quantizable_linears(loaded("fp32")[0]).items()}
     gen = dict(prompt="The river", max_new_tokens=4, temperature=0.0, top_k=0, seed=0)
+    common = dict(device="cpu", compute_dtype="auto", eval_window=60, generation=gen)
+    weights = lambda names: {f"{n}.weight": fp32[f"{n}.weight"] for n in names}  # noqa: E731
     row, out, nll = evaluation.evaluate_method(
-        "smollm2-135m",
-        "nf4",
-        device="cpu",
-        compute_dtype="auto",
-        text=text,
-        max_eval_tokens=120,
-        eval_window=60,
-        generation=gen,
-        fp32_weights=lambda names: {f"{n}.weight": fp32[f"{n}.weight"] for n in names},
+        "smollm2-135m", "nf4", text=text, max_eval_tokens=120, fp32_weights=weights, **common
     )
     assert row["method"] == "nf4" and row["perplexity_evaluated"] and row["finite_logits"]
     assert row["perplexity"] == pytest.approx(float(np.exp(nll.mean())), rel=1e-5) and len(nll) == row["scored_tokens"]
     assert 4.0 < row["bits_per_quantized_param"] < 4.6  # 4-bit codes + one fp32 absmax per 64 weights = 4.5
     assert 10 < row["weight_sqnr_db"] < 30  # 4-bit round trips of Gaussian-like weights: about 20 dB
     assert out == evaluation.continuation(*loaded("nf4"), **gen)  # greedy: the same text
-    skipped, _, none = evaluation.evaluate_method(
-        "smollm2-135m",
-        "fp32",
-        device="cpu",
-        compute_dtype="auto",
-        text=None,
-        max_eval_tokens=None,
-        eval_window=60,
-        generation=gen,
-    )
+    skipped, _, none = evaluation.evaluate_method("smollm2-135m", "fp32", text=None, max_eval_tokens=None, **common)
     assert none is None and not skipped["perplexity_evaluated"] and np.isnan(skipped["weight_sqnr_db"])
 
 
