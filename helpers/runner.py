@@ -86,11 +86,6 @@ def load_params(path: Path) -> dict[str, Any]:
     return data
 
 
-def declared_parameters(notebook: Path) -> set[str]:
-    """Names assigned in the notebook's ``parameters`` cell."""
-    return set(parameter_defaults(notebook))
-
-
 _NO_LITERAL = object()  # a default that is an expression, not a literal: its type is not checked
 
 

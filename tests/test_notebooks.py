@@ -74,7 +74,7 @@ def test_parameter_files_fit_the_notebooks(params_file):
     params = runner.load_params(params_file)
     runner.check_sections(params, SOURCES)
     for nb in SOURCES:
-        runner.parameters_for(nb, params, runner.declared_parameters(nb))
+        runner.parameters_for(nb, params, set(runner.parameter_defaults(nb)))
 
 
 @pytest.mark.artifacts
