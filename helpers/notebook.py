@@ -86,6 +86,11 @@ def setup(name: str, namespace: dict[str, Any], notebooks_dir: Path | None = Non
     path = folder / f"{name}.ipynb"
     if not path.exists():
         path = NOTEBOOKS_DIR / f"{name}.ipynb"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"notebook {name}.ipynb not found in {folder} or {NOTEBOOKS_DIR}: its parameters cell "
+            "says which names are parameters"
+        )
     params = {k: namespace[k] for k in declared_names(path) if k in namespace}
     runtime.quiet()
     thread_info = runtime.configure_threads(params["threads"]) if "threads" in params else None

@@ -74,3 +74,8 @@ def test_setup_records_declared_parameters_with_their_run_values(tmp_path, keep_
     assert (tmp_path / "f" / "01_x_figure.png").stat().st_size > 0
     plt.close(fig)
     assert nb.method_order(["fp4", "fp32", "int8"]) == ["fp32", "int8", "fp4"]
+
+
+def test_setup_names_a_missing_notebook(tmp_path):
+    with pytest.raises(FileNotFoundError, match="99_missing.ipynb"):
+        notebook.setup("99_missing", {}, notebooks_dir=tmp_path)
