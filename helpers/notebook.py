@@ -78,7 +78,7 @@ def setup(name: str, namespace: dict[str, Any], notebooks_dir: Path | None = Non
 
     ``namespace`` is the notebook's ``globals()`` after the parameters (and papermill's injected
     values) are set. Parameters named ``threads``, ``device``, ``data_dir`` and ``figures_dir``
-    are acted on when the notebook declares them; ``device`` is resolved ("cuda" -> "cuda:0").
+    are acted on when the notebook declares them; ``device`` is checked against this machine.
     """
     import seaborn as sns
 

@@ -295,6 +295,7 @@ def run(
     params = load_params(params_file)
     notebooks = numbered_notebooks(notebooks_dir)
     check_sections(params, notebooks)
+    only = only or params.get("runner", {}).get("only")  # a profile may be meant for some notebooks only
     if only:
         notebooks = [nb for nb in notebooks if any(nb.stem.startswith(o) for o in only)]
         if not notebooks:

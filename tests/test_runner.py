@@ -58,6 +58,17 @@ def test_run_stops_at_the_first_failure(tmp_path, capfd):
     assert meta["parameters"] == {"x": 5} and meta["source_sha256"] == runner.source_hash(folder / "01_ok.ipynb")
 
 
+def test_a_profile_may_name_the_notebooks_it_is_for(tmp_path):
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    write_notebook(folder / "01_skip.ipynb", "raise RuntimeError('must not run')")
+    write_notebook(folder / "02_run.ipynb", "y = x * 2")
+    params = tmp_path / "p.yaml"
+    params.write_text('runner:\n  only: ["02"]\nall:\n  x: 5\n')
+    rows = runner.run(params, executed_dir=tmp_path / "out", notebooks_dir=folder)
+    assert len(rows) == 1 and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["02_run.ipynb"]
+
+
 def test_kernels_are_started_with_encrypted_channels():
     import zmq
     from jupyter_client import AsyncKernelManager
