@@ -65,6 +65,16 @@ def test_executed_copy_is_fresh(nb):
 
 
 @pytest.mark.artifacts
+@pytest.mark.parametrize("executed", sorted((EXECUTED / "full").glob("*.ipynb")), ids=lambda p: p.stem)
+def test_full_profile_copies_are_fresh(executed):
+    """The full profile's copies too (notebook 03's is redrawn in seconds: params/full-redraw.yaml)."""
+    meta = json.loads(executed.read_text())["metadata"].get("compendium", {})
+    assert meta.get("source_sha256") == runner.source_hash(runner.NOTEBOOKS_DIR / executed.name), (
+        f"notebooks/executed/full/{executed.name} is stale; rerun it with its profile ({meta.get('params_file')})"
+    )
+
+
+@pytest.mark.artifacts
 def test_no_executed_copy_without_a_source():
     assert {p.name for p in EXECUTED.glob("*.ipynb")} <= {p.name for p in SOURCES}
 
