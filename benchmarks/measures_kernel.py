@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import math
-from concurrent.futures import ThreadPoolExecutor
 
 import pandas as pd
 import torch
@@ -69,21 +68,13 @@ def row_exp(a, b, temps):
 
 
 def per_row(row_fn, ref, x, temps):
-    """``row_fn`` on every row, rows shared out over the threads (as `sampling._dense` does)."""
-    threads = torch.get_num_threads()
+    """``row_fn`` on every row, rows shared out over the threads as `sampling._dense` does."""
     out = torch.empty(len(ref), len(temps), 3, dtype=torch.float64)
 
-    def rows(first):
-        flushed = torch.set_flush_denormal(True)
-        for i in range(first, len(ref), threads):
-            out[i] = row_fn(ref[i], x[i], temps)
-        if flushed:
-            torch.set_flush_denormal(False)
+    def work(i):
+        out[i] = row_fn(ref[i], x[i], temps)
 
-    torch.set_num_threads(1)
-    with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(rows, range(threads)))
-    torch.set_num_threads(threads)
+    sampling.on_row_threads(work, len(ref))
     return out
 
 

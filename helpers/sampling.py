@@ -26,6 +26,7 @@ import math
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -237,23 +238,34 @@ LOG2E = 1.0 / math.log(2.0)
 
 
 def _dense(ref: torch.Tensor, x: torch.Tensor, hot: list[float], ans: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Top-k off: the measures over the whole vocabulary, row by row (:func:`_dense_row`).
+    """Top-k off: the measures over the whole vocabulary, row by row (:func:`_dense_row`, on
+    :func:`on_row_threads`)."""
+    same = x is ref  # the reference against itself: one distribution per row
+    out = torch.empty(len(x), len(hot), 7, dtype=torch.float64)
+
+    def work(i: int) -> None:
+        out[i] = _dense_row(ref[i], None if same else x[i], hot, int(ans[i]))
+
+    on_row_threads(work, len(x))
+    names = [m for m in MEASURES if m != "top1_agree"]  # the order of _dense_row's columns
+    return dict(zip(names, out.permute(2, 1, 0)))  # measure -> [T, P]
+
+
+def on_row_threads(work: Callable[[int], None], n_rows: int) -> None:
+    """Call ``work(i)`` for every row ``i``, the rows shared out over the machine's threads.
 
     Arranged for speed on CPU in one place (``benchmarks/measures_kernel.py`` measures each choice):
-    rows are shared out over the machine's threads, each running single-threaded torch ops (short
-    ops on wide rows gain nothing from OpenMP), with subnormal results flushed to zero.
-    """
-    P, same = len(x), x is ref  # the reference against itself: one distribution per row
+    each thread runs single-threaded torch ops (short ops on wide rows gain nothing from OpenMP),
+    with subnormal results flushed to zero."""
     threads = torch.get_num_threads()
-    workers = max(1, min(threads, P))
-    out = torch.empty(P, len(hot), 7, dtype=torch.float64)
+    workers = max(1, min(threads, n_rows))
 
     def rows(first: int) -> None:
         flushed = torch.set_flush_denormal(True)  # per thread (the CPU's MXCSR register)
         try:
             with torch.inference_mode():
-                for i in range(first, P, workers):
-                    out[i] = _dense_row(ref[i], None if same else x[i], hot, int(ans[i]))
+                for i in range(first, n_rows, workers):
+                    work(i)
         finally:
             if flushed:
                 torch.set_flush_denormal(False)
@@ -264,9 +276,6 @@ def _dense(ref: torch.Tensor, x: torch.Tensor, hot: list[float], ans: torch.Tens
             list(pool.map(rows, range(workers)))  # list() re-raises a worker's exception
     finally:
         torch.set_num_threads(threads)
-    cols = out.permute(2, 1, 0)  # [7, T, P]
-    names = ("tv", "kl", "entropy", "p_answer", "ref_p_answer", "logp_answer", "ref_logp_answer")
-    return dict(zip(names, cols))
 
 
 def _dense_row(ref: torch.Tensor, x: torch.Tensor | None, hot: list[float], j: int) -> torch.Tensor:
