@@ -10,8 +10,6 @@ provenance cannot drift from the parameters cell.
 
 from __future__ import annotations
 
-import ast
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,25 +17,19 @@ from typing import Any
 import pandas as pd
 
 from . import methods as registry, provenance, runtime
+from .runner import parameter_defaults
 
 #: The folder the notebooks live in (papermill and Jupyter run them with it as working directory).
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 
 
 def declared_names(notebook: Path) -> list[str]:
-    """Names assigned in the notebook's cell tagged ``parameters``, in order."""
-    cells = json.loads(Path(notebook).read_text())["cells"]
-    for cell in cells:
-        if "parameters" in cell.get("metadata", {}).get("tags", []):
-            source = cell["source"] if isinstance(cell["source"], str) else "".join(cell["source"])
-            return [
-                t.id
-                for node in ast.parse(source).body
-                if isinstance(node, ast.Assign)
-                for t in node.targets
-                if isinstance(t, ast.Name)
-            ]
-    raise ValueError(f"{notebook} has no cell tagged 'parameters'")
+    """Names assigned in the notebook's cell tagged ``parameters``, in order, read as the runner reads
+    them (:func:`helpers.runner.parameter_defaults`)."""
+    names = list(parameter_defaults(Path(notebook)))
+    if not names:
+        raise ValueError(f"{notebook} has no cell tagged 'parameters'")
+    return names
 
 
 @dataclass
