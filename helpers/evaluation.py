@@ -9,7 +9,6 @@ notebooks can bootstrap confidence intervals over tokens.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -19,7 +18,7 @@ import torch
 
 from . import methods as registry
 from . import quantization as qz
-from .runtime import machine_load
+from .runtime import machine_load, timed
 from .stats import bootstrap_ci
 
 
@@ -158,9 +157,9 @@ def evaluate_method(
     Returns ``(row, continuation, per-token NLL or None)``.
     """
     spec = registry.get_method(method)
-    t0 = time.perf_counter()
-    model, tokenizer = registry.load(model_name, method, device=device, compute_dtype=compute_dtype)
-    load_s = time.perf_counter() - t0
+    load_s, (model, tokenizer) = timed(
+        lambda: registry.load(model_name, method, device=device, compute_dtype=compute_dtype), device
+    )
     report = qz.storage_report(model)
     noise = qz.WeightNoise()
     if spec.quantized and fp32_weights is not None:
@@ -171,15 +170,17 @@ def evaluate_method(
         del dequantized
     fused = qz.cpu_fused_4bit(model)  # this CPU's 4-bit kernel: fused bf16, or dequantize + matmul
     layers = registry.layer_summary(model)
-    t0 = time.perf_counter()
-    ppl = None if text is None else perplexity(model, tokenizer, text, max_tokens=max_eval_tokens, window=eval_window)
-    eval_s = time.perf_counter() - t0
+    eval_s, ppl = timed(
+        lambda: (
+            None if text is None else perplexity(model, tokenizer, text, max_tokens=max_eval_tokens, window=eval_window)
+        ),
+        device,
+    )
     try:
         text_out, prompt_finite = continuation(model, tokenizer, **generation), True
     except NonFiniteLogitsError as err:
         text_out, prompt_finite = f"[no continuation: {err}]", False
     footprint = model.get_memory_footprint()  # what transformers reports, for comparison
-    del model
     linear_class = next((c for c in layers if c.startswith("Linear")), "?")
     dtype = registry.compute_dtype_for(spec, device, compute_dtype)
     row = {

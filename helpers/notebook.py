@@ -17,10 +17,7 @@ from typing import Any
 import pandas as pd
 
 from . import methods as registry, provenance, runtime
-from .runner import parameter_defaults
-
-#: The folder the notebooks live in (papermill and Jupyter run them with it as working directory).
-NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+from .runner import NOTEBOOKS_DIR, parameter_defaults
 
 
 def declared_names(notebook: Path) -> list[str]:
@@ -51,8 +48,15 @@ class Notebook:
 
     def save_table(self, df: pd.DataFrame, name: str, **meta: Any) -> Path:
         """Write ``df`` as ``<notebook>_<name>`` in ``data_dir`` with its provenance sidecar."""
-        meta = {"notebook": self.name, "parameters": self.params, "threads": self.thread_info, **self.context, **meta}
-        return provenance.save_table(df, self.data_path(name), **{"device": self.device, **meta})
+        meta = {
+            "notebook": self.name,
+            "device": self.device,
+            "parameters": self.params,
+            "threads": self.thread_info,
+            **self.context,
+            **meta,
+        }
+        return provenance.save_table(df, self.data_path(name), **meta)
 
     def savefig(self, fig, name: str, **kwargs: Any) -> Path:
         """Save ``fig`` as ``<notebook>_<name>.png`` in ``figures_dir`` (150 dpi, tight box)."""
