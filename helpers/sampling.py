@@ -287,22 +287,27 @@ def _dense_row(ref: torch.Tensor, x: torch.Tensor | None, hot: list[float], j: i
     exponentials are ``exp2`` of logits pre-scaled by log2(e), which is cheaper than ``exp``.
     ``x`` None: the method is the reference itself (TV = KL = 0; one row of exponentials).
     """
-    a = ref - ref.max()
-    b = a if x is None else x - x.max()
-    a2 = a * LOG2E
-    b2 = a2 if x is None else b * LOG2E
-    d = a - b
-    aj, bj = float(a[j]), float(b[j])
+    # logits shifted to a maximum of 0 and scaled by log2(e): exp2(a2 / T) = exp(a / T)
+    a2 = torch.sub(ref, ref.max()).mul_(LOG2E)
+    b2 = a2 if x is None else torch.sub(x, x.max()).mul_(LOG2E)
+    d2 = a2 - b2
+    aj, bj = float(a2[j]) / LOG2E, float(b2[j]) / LOG2E
     out = torch.empty(len(hot), 7, dtype=torch.float64)
+    ea = torch.empty_like(a2)  # buffers reused at every T
+    eb = ea if x is None else torch.empty_like(a2)
     for t, T in enumerate(hot):
         s = 1.0 / T
-        ea = torch.exp2(a2 * s)
-        eb = ea if x is None else torch.exp2(b2 * s)
+        torch.mul(a2, s, out=ea).exp2_()
+        if x is not None:
+            torch.mul(b2, s, out=eb).exp2_()
         za, zb = float(ea.sum()), float(eb.sum())
         lza, lzb = math.log(za), math.log(zb)
-        tv = 0.0 if x is None else 0.5 * float(torch.sub(ea, eb, alpha=za / zb).abs_().sum()) / za
-        kl = 0.0 if x is None else float(torch.dot(ea, d)) * s / za - (lza - lzb)
-        entropy = lzb - float(torch.dot(eb, b)) * s / zb
+        entropy = lzb - float(torch.dot(eb, b2)) * s / (LOG2E * zb)
+        if x is None:
+            tv = kl = 0.0
+        else:
+            kl = float(torch.dot(ea, d2)) * s / (LOG2E * za) - (lza - lzb)
+            tv = 0.5 * float(eb.mul_(-za / zb).add_(ea).abs_().sum()) / za  # eb's last use: in place
         out[t] = torch.tensor(
             (tv, kl, entropy, math.exp(bj * s - lzb), math.exp(aj * s - lza), bj * s - lzb, aj * s - lza),
             dtype=torch.float64,
@@ -333,29 +338,76 @@ def step_uniforms(seeds: torch.Tensor, step: int) -> torch.Tensor:
 def sample_tokens(logits: torch.Tensor, temperature: float, top_k: int, uniforms: torch.Tensor) -> torch.Tensor:
     """Draw one token per row by inverse-CDF sampling with the given uniforms (T == 0: argmax)."""
     if temperature == 0:
-        return logits.float().argmax(-1)
-    return inverse_cdf(next_token_probs(logits, temperature, top_k), uniforms)
+        return argmax(logits.float())
+    return inverse_cdf(sampling_weights(logits, temperature, top_k), uniforms)
 
 
-def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor, block: int = 1024) -> torch.Tensor:
-    """Per row of ``probs`` ``[B, V]``: the first token whose cumulative probability reaches
-    ``u * total`` (``u`` in (0, 1) from ``uniforms``). Tokens of probability 0 are never drawn.
+def sampling_weights(logits: torch.Tensor, temperature: float, top_k: int = 0) -> torch.Tensor:
+    """:func:`next_token_probs` before normalisation: ``exp((x - max x) / T)`` per row, 0 outside
+    the top-k. :func:`inverse_cdf` divides by the total itself, so the softmax's division is not
+    needed. Where subnormals are flushed (:func:`on_row_threads`), weights below about 1e-38 of the
+    largest are 0."""
+    validate(temperature=temperature, top_k=top_k)
+    x = logits.float()
+    if temperature == 0:
+        return torch.nn.functional.one_hot(argmax(x), x.shape[-1]).float()
+    if 0 < top_k < x.shape[-1]:
+        vals, idx = x.topk(top_k, dim=-1)  # sorted: the first column is the row's maximum
+        return torch.zeros_like(x).scatter_(-1, idx, torch.exp2((vals - vals[:, :1]) * (LOG2E / temperature)))
+    return scaled_exp(x, LOG2E / temperature)
 
-    The cumulative sums are taken in float64 in two levels, over the ``V / block`` block totals
-    and then within the one block that holds ``u``, instead of one float64 cumsum over the whole
-    ``[B, V]`` block (a noticeable share of a decoding step: ``benchmarks/README.md``).
+
+def scaled_exp(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """``exp2((x - max x) * scale)`` for every row of ``x`` ``[B, V]``: ``exp((x - max x) / T)``
+    with ``scale = log2(e) / T`` (``exp2`` is cheaper than ``exp``), in a new tensor."""
+    return torch.sub(x, x.amax(-1, keepdim=True)).mul_(scale).exp2_()
+
+
+def log_normalizer(logits: torch.Tensor) -> torch.Tensor:
+    """``logsumexp`` over the last dimension of ``[B, V]`` logits (T = 1), row by row (:func:`by_rows`)."""
+    x = logits.float()
+    return by_rows(lambda r: x[r].amax(-1) + scaled_exp(x[r], LOG2E).sum(-1).log(), len(x), x.device)
+
+
+def by_rows(fn: Callable[[slice], torch.Tensor], n_rows: int, device: torch.device) -> torch.Tensor:
+    """``fn(rows)`` for a function of a slice of rows, over ``n_rows`` rows.
+
+    On CPU one row at a time, the rows shared out by :func:`on_row_threads`: a row of a large
+    vocabulary (1 MB for 262k tokens) then stays in the core's cache through every pass, where
+    whole-batch ops stream the ``[B, V]`` block through memory once per pass (a sampling step of
+    384 Gemma-3 rows takes about a fifth of the time: ``benchmarks/README.md``). Elsewhere (GPU)
+    one call for all rows."""
+    if device.type != "cpu":
+        return fn(slice(0, n_rows))
+    parts: list[torch.Tensor | None] = [None] * n_rows
+
+    def work(i: int) -> None:
+        parts[i] = fn(slice(i, i + 1))
+
+    on_row_threads(work, n_rows)
+    return torch.cat(parts)
+
+
+def inverse_cdf(weights: torch.Tensor, uniforms: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """Per row of ``weights`` ``[B, V]`` (probabilities, normalised or not): the first token whose
+    cumulative weight reaches ``u * total`` (``u`` in (0, 1) from ``uniforms``). Tokens of weight 0
+    are never drawn.
+
+    Two levels: the cumulative sum of the ``V / block`` block totals, then within the one block
+    that holds ``u``. The block totals are summed in float32 and accumulated in float64; a float64
+    sum over the whole ``[B, V]`` block took most of the time of a sampling step
+    (``benchmarks/README.md``).
     """
-    B, V = probs.shape
+    B, V = weights.shape
     n_blocks = -(-V // block)
-    if n_blocks * block != V:  # pad with zero-probability tokens, which are never drawn
-        probs = torch.nn.functional.pad(probs, (0, n_blocks * block - V))
-    blocks = probs.view(B, n_blocks, block)
-    totals = blocks.sum(-1, dtype=torch.float64)
-    ends = totals.cumsum(-1)  # probability mass up to the end of each block
-    u = uniforms.double().to(probs.device)[:, None] * ends[:, -1:]
+    if n_blocks * block != V:  # pad with zero-weight tokens, which are never drawn
+        weights = torch.nn.functional.pad(weights, (0, n_blocks * block - V))
+    blocks = weights.view(B, n_blocks, block)
+    ends = blocks.sum(-1).double().cumsum(-1)  # weight up to the end of each block
+    u = uniforms.double().to(weights.device)[:, None] * ends[:, -1:]
     b = torch.searchsorted(ends, u).clamp_max(n_blocks - 1)  # the block where the CDF reaches u
     before = torch.where(b > 0, ends.gather(1, (b - 1).clamp_min(0)), 0.0)
-    inner = blocks[torch.arange(B, device=probs.device), b[:, 0]].double().cumsum(-1)
+    inner = blocks[torch.arange(B, device=weights.device), b[:, 0]].double().cumsum(-1)
     j = torch.searchsorted(inner, u - before)
     # rounding may put u - before just above the block's own sum: take its last non-zero token
     j = torch.minimum(j, torch.searchsorted(inner, inner[:, -1:].contiguous()))
@@ -393,16 +445,15 @@ def _per_row(value, n: int, name: str) -> list:
     return values
 
 
-def _sample_groups(
-    logits: torch.Tensor, groups: dict[tuple[float, int], torch.Tensor], uniforms: torch.Tensor
-) -> torch.Tensor:
-    """:func:`sample_tokens` for rows that differ in (temperature, top-k): one call per setting."""
-    if len(groups) == 1:
-        ((temperature, top_k),) = groups
-        return sample_tokens(logits, temperature, top_k, uniforms)
+def sample_rows(logits: torch.Tensor, settings: list[tuple[float, int]], uniforms: torch.Tensor) -> torch.Tensor:
+    """:func:`sample_tokens` for rows that differ in (temperature, top-k): ``settings[i]`` is row
+    ``i``'s. On CPU row by row (:func:`by_rows`), elsewhere one batched call per setting."""
+    if logits.device.type == "cpu":
+        return by_rows(lambda r: sample_tokens(logits[r], *settings[r.start], uniforms[r]), len(logits), logits.device)
     out = torch.empty(len(logits), dtype=torch.long, device=logits.device)
-    for (temperature, top_k), rows in groups.items():
-        out[rows] = sample_tokens(logits[rows], temperature, top_k, uniforms[rows.cpu()])
+    for setting in dict.fromkeys(settings):
+        rows = [i for i, s in enumerate(settings) if s == setting]
+        out[rows] = sample_tokens(logits[rows], *setting, uniforms[rows])
     return out
 
 
@@ -442,10 +493,6 @@ def generate(
         ids = encoded[start : start + batch_size]
         seed_t = torch.tensor(seeds[start : start + batch_size], dtype=torch.long)
         settings = list(zip(temperatures, top_ks))[start : start + batch_size]
-        groups = {
-            s: torch.tensor([i for i, x in enumerate(settings) if x == s], device=device)
-            for s in dict.fromkeys(settings)
-        }
         input_ids, mask, pos = left_pad(ids, pad, device)
         # logits_to_keep=1: the prefill needs the lm_head at the last position only
         res = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
@@ -455,11 +502,11 @@ def generate(
             logits = res.logits[:, -1]
             # one reduction instead of isfinite's three passes: a sum of finite logits stays finite
             ok &= torch.isfinite(logits.sum(-1, dtype=torch.float32)).cpu()
-            tok = _sample_groups(logits, groups, step_uniforms(seed_t, step))
+            tok = sample_rows(logits, settings, step_uniforms(seed_t, step))
             steps.append(tok.cpu())
             if with_nll:
                 x = logits.float()
-                step_nll.append((torch.logsumexp(x, -1) - x.gather(1, tok[:, None]).squeeze(1)).cpu())
+                step_nll.append((log_normalizer(x) - x.gather(1, tok[:, None]).squeeze(1)).cpu())
             if step + 1 == max_new_tokens:
                 break
             mask = torch.cat([mask, mask.new_ones(len(ids), 1)], dim=1)
@@ -552,9 +599,8 @@ def reference_nll(model, prompt_ids: list[list[int]], generated: torch.Tensor, b
         rows = range(start, min(B, start + batch_size))
         ids, mask, pos = left_pad([prompt_ids[i] + generated[i].tolist() for i in rows], 0, device)
         # logits_to_keep: the lm_head runs for the generated positions only, not the prompt's
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=L + 1).logits
-        logits = logits[:, :-1].float()
-        logp = torch.log_softmax(logits, -1)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=L + 1).logits.float()
+        lse = log_normalizer(logits.reshape(-1, logits.shape[-1])).view(len(rows), L + 1)
         tgt = generated[list(rows)].to(device)
-        out[list(rows)] = -logp.gather(-1, tgt[..., None]).squeeze(-1).cpu()
+        out[list(rows)] = (lse[:, :-1] - logits[:, :-1].gather(-1, tgt[..., None]).squeeze(-1)).cpu()
     return out

@@ -315,3 +315,20 @@ def test_the_reference_against_itself_takes_the_one_distribution_path():
     assert (same.tv == 0).all() and (same.kl == 0).all()
     for m in ("entropy", "logp_answer", "ref_logp_answer", "p_answer"):
         assert same[m].to_numpy() == pytest.approx(copy[m].to_numpy(), rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.parametrize("T,k", [(0.7, 0), (0.05, 0), (1.5, 5)])
+def test_sampling_weights_are_the_probabilities_before_normalisation(T, k):
+    torch.manual_seed(3)
+    logits = torch.randn(6, 3000) * 5
+    w = sampling.sampling_weights(logits, T, k)
+    kept = sampling.next_token_probs(logits, T, k) > 0  # the top-k
+    exact = torch.softmax(torch.where(kept, logits.double(), -math.inf) / T, -1)  # float64 definition
+    assert torch.allclose((w / w.sum(-1, keepdim=True)).double(), exact, rtol=1e-5, atol=1e-37)
+    assert torch.equal(w.max(-1).values, torch.ones(6))  # the largest weight is exp(0)
+
+
+def test_log_normalizer_is_logsumexp():
+    torch.manual_seed(4)
+    logits = torch.randn(5, 262144) * 6
+    assert torch.allclose(sampling.log_normalizer(logits), torch.logsumexp(logits.double(), -1).float(), rtol=1e-6)
