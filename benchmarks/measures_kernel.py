@@ -27,9 +27,8 @@ import math
 import pandas as pd
 import torch
 
-from helpers import REPO_ROOT, methods, runtime, sampling, textscore
-from helpers.provenance import save_table
-from sweep_costs import median_time  # benchmarks/ is the script's folder, so on its path
+from common import alice_logits, median_time, save  # benchmarks/ is the script's folder, so on its path
+from helpers import runtime, sampling
 
 TEMPERATURES = [0.25, 0.5, 0.65, 0.8, 1.0, 1.25, 1.5, 2.0]
 
@@ -107,14 +106,7 @@ def main() -> None:
     args = parser.parse_args()
     runtime.quiet()
     thread_info = runtime.configure_threads(args.threads)
-    docs = textscore.read_documents(REPO_ROOT / "data" / "texts" / "manifest.csv")
-    tok = methods.load_tokenizer(args.model)
-    window = textscore.text_windows(tok, {"alice_ch1": docs["alice_ch1"]}, args.positions + 1, args.positions + 1)[0]
-    logits = {}
-    for method in ("fp32", "nf4"):
-        model, _ = methods.load(args.model, method)
-        logits[method] = textscore.window_logits(model, window)
-        del model
+    logits = alice_logits(args.model, ["fp32", "nf4"], args.positions)
     ref, x = logits["fp32"], logits["nf4"]
     P, V = ref.shape
     expected = kernel(ref, x, TEMPERATURES)
@@ -137,15 +129,15 @@ def main() -> None:
     table["relative_to_kernel"] = table.ms_per_row_and_T / kernel_ms
     print(f"{args.model}: {P} positions x {V} tokens, {len(TEMPERATURES)} temperatures, {args.threads} threads")
     print(table.round(4).to_string(index=False))
-    save_table(
+    save(
         table,
-        REPO_ROOT / "build" / "benchmarks" / "measures_kernel.csv",
+        "measures_kernel",
         model=args.model,
         positions=P,
         vocab=V,
         temperatures=TEMPERATURES,
         threads=thread_info,
-        source="benchmarks/measures_kernel.py (argmax rows: ms per row, not per row and T)",
+        note="argmax rows: ms per row, not per row and T",
     )
 
 

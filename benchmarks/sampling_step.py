@@ -7,10 +7,12 @@ off. Three ways, from the plainest to the one `helpers.sampling.sample_rows` use
 
 1. whole-batch ops per temperature: `softmax(x / T)`, then the inverse CDF with float64 block totals;
 2. as 1 with unnormalised weights `exp2((x - max) * log2(e) / T)` and float32 block totals;
-3. as 2, one row at a time on each thread (`helpers.sampling.by_rows`): the kept version.
+3. as 2, one row at a time on each thread (`helpers.sampling.on_row_threads`);
+4. `helpers.sampling.sample_rows`, which takes 3 for rows of at least
+   `helpers.sampling.ROW_BY_ROW_MIN_VOCAB` tokens on CPU and 2 otherwise.
 
 Also the log-normaliser the reference needs for the NLL of its own tokens: `torch.logsumexp` over
-the batch against `helpers.sampling.log_normalizer` (row by row). Every variant's tokens are
+the batch against `helpers.sampling.log_normalizer` (the same, row by row for wide rows). Every variant's tokens are
 compared with the kept version's (share identical).
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/sampling_step.py [--model gemma3-270m] [--rows 384]
@@ -25,9 +27,8 @@ import argparse
 import pandas as pd
 import torch
 
-from helpers import REPO_ROOT, methods, runtime, sampling, textscore
-from helpers.provenance import save_table
-from sweep_costs import median_time  # benchmarks/ is the script's folder, so on its path
+from common import alice_logits, median_time, save  # benchmarks/ is the script's folder, so on its path
+from helpers import runtime, sampling
 
 TEMPERATURES = [0.0, 0.3, 0.5, 0.7, 1.0, 1.5]
 
@@ -54,6 +55,16 @@ def per_setting(x, settings, u, draw):
     return out
 
 
+def one_row_at_a_time(x, settings, u):
+    out = torch.empty(len(x), dtype=torch.long)
+
+    def work(i):
+        out[i] = sampling.sample_tokens(x[i : i + 1], *settings[i], u[i : i + 1])[0]
+
+    sampling.on_row_threads(work, len(x))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="gemma3-270m")
@@ -62,12 +73,7 @@ def main() -> None:
     args = parser.parse_args()
     runtime.quiet()
     thread_info = runtime.configure_threads(args.threads)
-    docs = textscore.read_documents(REPO_ROOT / "data" / "texts" / "manifest.csv")
-    tok = methods.load_tokenizer(args.model)
-    window = textscore.text_windows(tok, {"alice_ch1": docs["alice_ch1"]}, 129, 129)[0]
-    model, _ = methods.load(args.model, "fp32")
-    logits = textscore.window_logits(model, window)
-    del model
+    logits = alice_logits(args.model, ["fp32"], 128)["fp32"]
     x = logits.repeat(-(-args.rows // len(logits)), 1)[: args.rows].contiguous()
     B, V = x.shape
     settings = [(TEMPERATURES[i % len(TEMPERATURES)], 0) for i in range(B)]
@@ -79,7 +85,8 @@ def main() -> None:
         "2 whole batch: exp2 weights, float32 block totals": lambda: per_setting(
             x, settings, u, lambda r, T, v: sampling.inverse_cdf(sampling.sampling_weights(r, T), v)
         ),
-        "3 row by row: exp2 weights, float32 block totals (sample_rows)": lambda: sampling.sample_rows(x, settings, u),
+        "3 row by row: exp2 weights, float32 block totals": lambda: one_row_at_a_time(x, settings, u),
+        "4 sample_rows (3 or 2 by row width)": lambda: sampling.sample_rows(x, settings, u),
     }
     kept = sampling.sample_rows(x, settings, u)
     rows = []
@@ -89,22 +96,21 @@ def main() -> None:
     exact = torch.logsumexp(x.double(), -1)
     for name, fn in (
         ("torch.logsumexp, whole batch", lambda: torch.logsumexp(x, -1)),
-        ("log_normalizer, row by row", lambda: sampling.log_normalizer(x)),
+        ("log_normalizer: the same, row by row by row width", lambda: sampling.log_normalizer(x)),
     ):
         err = float((fn().double() - exact).abs().max())
         rows.append({"variant": name, "ms_per_step": 1e3 * median_time(fn), "max_abs_error": err})
     table = pd.DataFrame(rows)
     print(f"{args.model}: {B} rows x {V} tokens, temperatures {TEMPERATURES}, {args.threads} threads")
     print(table.round({"ms_per_step": 1, "identical_tokens": 4}).to_string(index=False))
-    save_table(
+    save(
         table,
-        REPO_ROOT / "build" / "benchmarks" / "sampling_step.csv",
+        "sampling_step",
         model=args.model,
         batch_rows=B,
         vocab=V,
         temperatures=TEMPERATURES,
         threads=thread_info,
-        source="benchmarks/sampling_step.py",
     )
 
 

@@ -13,24 +13,12 @@ the machine; the notebooks record theirs with provenance). Warm-up run first, me
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import pandas as pd
 import torch
 
+from common import median_time, save  # benchmarks/ is the script's folder, so on its path
 from helpers import REPO_ROOT, methods, runtime, sampling, sweep
-from helpers.provenance import save_table
-
-
-def median_time(fn, repeats: int = 3) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -73,9 +61,7 @@ def main() -> None:
             )
     df = pd.DataFrame(rows)
     print(df.round(3).to_string(index=False))
-    out = REPO_ROOT / "build" / "benchmarks" / "sweep_costs.csv"
-    save_table(df, out, notebook="benchmarks/sweep_costs", threads=args.threads)
-    print(f"written {out}")
+    save(df, "sweep_costs", threads=args.threads)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from . import sampling
 from .models import block_linears
 
 #: ``c`` of the scale-relative criterion ``|x| >= c * median|x|`` (see the module docstring).
@@ -227,3 +228,45 @@ def set_int8_threshold(model: torch.nn.Module, threshold: float, roles: tuple[st
         module.state.threshold = float(threshold) if hit else 0.0
         chosen += hit
     return chosen
+
+
+@torch.inference_mode()
+def batch_dependence(model: torch.nn.Module, tokenizer, prompts: list[str], copies: int = 4) -> dict[str, float]:
+    """How much each prompt's next-token logits change with the batch it is computed in.
+
+    Each prompt alone is compared with (1) the same prompt in one left-padded batch of all
+    ``prompts``, with explicit position ids (as :func:`helpers.sampling.generate` decodes them), and
+    (2) a batch of ``copies`` copies of itself (more rows, same content, no padding). For each, the
+    largest and the median over prompts of ``max |logit(batched) - logit(alone)|`` and the share of
+    prompts whose greedy token changes. A method whose kernels treat every row on its own differs by
+    rounding only (about 1e-5 in float32); LLM.int8() chooses its outlier columns over all rows of a
+    matmul's input, and a kernel chosen by the input's shape can round differently
+    (bitsandbytes#28, transformers#27626).
+    """
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoded = [tokenizer(p)["input_ids"] for p in prompts]
+
+    def last_logits(seqs: list[list[int]]) -> torch.Tensor:
+        ids, mask, pos = sampling.left_pad(seqs, pad, device)
+        return model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1).logits[:, -1].float()
+
+    alone = torch.cat([last_logits([ids]) for ids in encoded])
+    batched = {
+        "mixed": last_logits(encoded),
+        "copies": torch.cat([last_logits([ids] * copies)[:1] for ids in encoded]),
+    }
+    out: dict[str, float] = {"prompts": len(prompts)}
+    for name, x in batched.items():
+        change = (x - alone).abs().amax(-1)
+        out[f"{name}_max_logit_change"] = float(change.max())
+        out[f"{name}_median_logit_change"] = float(change.median())
+        out[f"{name}_greedy_changed"] = float((sampling.argmax(x) != sampling.argmax(alone)).float().mean())
+    return out
+
+
+def batch_dependent(table: pd.DataFrame, tolerance: float = 1e-3) -> pd.DataFrame:
+    """A :func:`batch_dependence` table (one row per model and method) with ``dependent``: True
+    where either batch moved a logit by more than ``tolerance`` nats, far above float32 rounding."""
+    moved = table[["mixed_max_logit_change", "copies_max_logit_change"]].max(axis=1)
+    return table.assign(dependent=moved > tolerance)

@@ -1,6 +1,7 @@
 """Outlier statistics (helpers.outliers) on hand-built activations."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -165,3 +166,37 @@ def test_set_int8_threshold_equals_loading_with_that_threshold():
         outliers.set_int8_threshold(torch.nn.Linear(2, 2), 6.0)
     with pytest.raises(ValueError):
         outliers.set_int8_threshold(net, -1.0)
+
+
+def test_int8_outlier_columns_are_chosen_over_the_whole_batch():
+    torch.manual_seed(1)
+    w = torch.randn(8, 32)
+    quiet, loud = torch.randn(1, 32), torch.randn(1, 32)
+    loud[0, 5] = 40.0  # an outlier in column 5 of the other row only
+    for threshold, coupled in ((6.0, True), (0.0, False)):
+        layer = _int8_layer(w, threshold)
+        with torch.no_grad():
+            alone, together = layer(quiet)[0], layer(torch.cat([quiet, loud]))[0]
+        change = float((alone - together).abs().max())
+        # with the decomposition, column 5 of the quiet row moves to the 16-bit matmul because of
+        # the other row; without it every row is quantized on its own
+        assert (change > 1e-3) if coupled else (change < 1e-5), (threshold, change)
+
+
+@pytest.mark.models
+def test_batch_dependence_is_rounding_only_in_fp32(loaded):
+    model, tok = loaded("fp32")
+    prompts = ["The capital of France is", "Once upon a time, a small dog", "1, 2, 3,"]
+    got = outliers.batch_dependence(model, tok, prompts, copies=3)
+    assert got["prompts"] == 3
+    for view in ("mixed", "copies"):
+        assert 0 <= got[f"{view}_median_logit_change"] <= got[f"{view}_max_logit_change"] < 1e-3
+        assert got[f"{view}_greedy_changed"] == 0.0
+    single = outliers.batch_dependence(model, tok, prompts[:1], copies=1)
+    assert single["mixed_max_logit_change"] == 0.0 and single["copies_max_logit_change"] == 0.0  # the same call
+
+
+def test_batch_dependent_flags_changes_above_rounding():
+    table = pd.DataFrame({"mixed_max_logit_change": [2e-5, 0.2, 1e-4], "copies_max_logit_change": [3e-5, 1e-5, 0.05]})
+    assert outliers.batch_dependent(table).dependent.tolist() == [False, True, True]
+    assert outliers.batch_dependent(table, tolerance=0.1).dependent.tolist() == [False, True, False]

@@ -332,3 +332,15 @@ def test_log_normalizer_is_logsumexp():
     torch.manual_seed(4)
     logits = torch.randn(5, 262144) * 6
     assert torch.allclose(sampling.log_normalizer(logits), torch.logsumexp(logits.double(), -1).float(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("V", [3000, sampling.ROW_BY_ROW_MIN_VOCAB])
+def test_sample_rows_gives_each_row_its_own_setting_on_both_paths(V):
+    torch.manual_seed(5)
+    logits = torch.randn(8, V) * 3
+    settings = [(0.0, 0), (0.7, 0), (1.5, 0), (0.7, 5)] * 2
+    u = sampling.step_uniforms(torch.arange(8), 0)
+    assert sampling.row_by_row(logits) == (V >= sampling.ROW_BY_ROW_MIN_VOCAB)
+    one_by_one = [int(sampling.sample_tokens(logits[i : i + 1], *settings[i], u[i : i + 1])[0]) for i in range(8)]
+    assert sampling.sample_rows(logits, settings, u).tolist() == one_by_one
+    assert torch.allclose(sampling.log_normalizer(logits), torch.logsumexp(logits, -1), rtol=1e-6)
