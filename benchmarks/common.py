@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from pathlib import Path
@@ -9,10 +10,24 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from helpers import REPO_ROOT, methods, textscore
+from helpers import REPO_ROOT, methods, runtime, textscore
 from helpers.provenance import save_table
 
 OUT_DIR = REPO_ROOT / "build" / "benchmarks"  # not committed: the numbers belong to the machine
+
+
+def command_line(**int_options: int) -> tuple[argparse.Namespace, dict]:
+    """Parse ``--model`` (default gemma3-270m), ``--threads`` (default 2) and one integer option
+    per keyword (its default), quiet the libraries and set the threads. Returns the arguments and
+    the thread settings to record."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="gemma3-270m")
+    parser.add_argument("--threads", type=int, default=2)
+    for name, default in int_options.items():
+        parser.add_argument(f"--{name}", type=int, default=default)
+    args = parser.parse_args()
+    runtime.quiet()
+    return args, runtime.configure_threads(args.threads)
 
 
 def median_time(fn, repeats: int = 3) -> float:

@@ -21,14 +21,13 @@ Prints a table and writes build/benchmarks/measures_kernel.csv with its provenan
 
 from __future__ import annotations
 
-import argparse
 import math
 
 import pandas as pd
 import torch
 
-from common import alice_logits, median_time, save  # benchmarks/ is the script's folder, so on its path
-from helpers import runtime, sampling
+from common import alice_logits, command_line, median_time, save  # benchmarks/ is the script's folder, so on its path
+from helpers import sampling
 
 TEMPERATURES = [0.25, 0.5, 0.65, 0.8, 1.0, 1.25, 1.5, 2.0]
 
@@ -99,13 +98,7 @@ def kernel(ref, x, temps):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="gemma3-270m")
-    parser.add_argument("--positions", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    runtime.quiet()
-    thread_info = runtime.configure_threads(args.threads)
+    args, thread_info = command_line(positions=128)
     logits = alice_logits(args.model, ["fp32", "nf4"], args.positions)
     ref, x = logits["fp32"], logits["nf4"]
     P, V = ref.shape

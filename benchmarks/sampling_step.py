@@ -22,13 +22,12 @@ Prints a table and writes build/benchmarks/sampling_step.csv with its provenance
 
 from __future__ import annotations
 
-import argparse
 
 import pandas as pd
 import torch
 
-from common import alice_logits, median_time, save  # benchmarks/ is the script's folder, so on its path
-from helpers import runtime, sampling
+from common import alice_logits, command_line, median_time, save  # benchmarks/ is the script's folder, so on its path
+from helpers import sampling
 
 TEMPERATURES = [0.0, 0.3, 0.5, 0.7, 1.0, 1.5]
 
@@ -66,13 +65,7 @@ def one_row_at_a_time(x, settings, u):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="gemma3-270m")
-    parser.add_argument("--rows", type=int, default=384)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    runtime.quiet()
-    thread_info = runtime.configure_threads(args.threads)
+    args, thread_info = command_line(rows=384)
     logits = alice_logits(args.model, ["fp32"], 128)["fp32"]
     x = logits.repeat(-(-args.rows // len(logits)), 1)[: args.rows].contiguous()
     B, V = x.shape

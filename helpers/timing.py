@@ -656,6 +656,9 @@ def summarize(runs: pd.DataFrame, read_GBps: float) -> pd.DataFrame:
 SIXTEEN_BIT = ("bf16", "fp16")
 #: C4 ("int8 inference is much slower") holds when int8 decodes at less than this share of 16-bit speed.
 C4_MAX_RATIO = 0.5
+#: C5 ("unquantized 16-bit is fastest") is a tie, "inconclusive", when the fastest other method decodes within this
+#: fraction of the best 16-bit speed: medians of one run on a shared machine move by more than that between runs.
+C5_TIE = 0.05
 #: lit-gpt's quantization tutorial: falcon-7b on one A100, 256 new tokens, (tokens/s, GB of GPU memory).
 LITGPT_A100 = {
     "bf16": (47.66, 14.50),
@@ -720,10 +723,11 @@ def c4_c5_verdicts(summary: pd.DataFrame) -> pd.DataFrame:
 
     **C4** (int8 inference is much slower) holds if int8 decodes at less than
     :data:`C4_MAX_RATIO` of the best 16-bit method's speed; **C5** (unquantized 16-bit is
-    fastest) holds if no method decodes faster than the best 16-bit one. Columns ``claim,
-    [hardware_class,] model, batch, verdict, ratio, numbers``; ``ratio`` is int8 / best 16-bit
-    (C4) or fastest / best 16-bit (C5). Groups without bf16 or fp16 get no verdict, groups
-    without int8 no C4.
+    fastest) holds if the fastest other method decodes slower than the best 16-bit one, and is
+    "inconclusive" within :data:`C5_TIE` of it. Columns ``claim, [hardware_class,] model, batch,
+    verdict, ratio, numbers``; ``ratio`` is int8 / best 16-bit (C4) or fastest other method /
+    best 16-bit (C5). Groups without bf16 or fp16 get no verdict, groups without int8 no C4, groups
+    with 16-bit methods only no C5.
     """
     keys, groups = _speed_groups(summary)
     rows = []
@@ -741,14 +745,18 @@ def c4_c5_verdicts(summary: pd.DataFrame) -> pd.DataFrame:
                     f"slowest: {speed.idxmin()} {speed.min():.1f}",
                 }
             )
-        r = speed.max() / base
+        others = speed.drop(list(SIXTEEN_BIT), errors="ignore")
+        if others.empty:
+            continue
+        r = others.max() / base
         rows.append(
             {
                 "claim": "C5",
                 **k,
-                "verdict": "holds" if speed.max() <= base else "does not hold",
+                "verdict": "inconclusive" if abs(r - 1) <= C5_TIE else ("holds" if r < 1 else "does not hold"),
                 "ratio": r,
-                "numbers": f"fastest: {speed.idxmax()} {speed.max():.1f} tok/s; best 16-bit: {best} {base:.1f}",
+                "numbers": f"fastest other than 16-bit: {others.idxmax()} {others.max():.1f} tok/s = {r:.2f} x best "
+                f"16-bit ({best} {base:.1f})",
             }
         )
     return pd.DataFrame(rows, columns=["claim", *keys, "verdict", "ratio", "numbers"])

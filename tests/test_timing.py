@@ -178,7 +178,8 @@ def test_c4_and_c5_hold_when_int8_is_slow_and_16_bit_fastest():
     c4, c5 = _verdict(v, "C4"), _verdict(v, "C5")
     assert c4.verdict == "holds" and c4.ratio == pytest.approx(5 / 25)  # compared with the faster 16-bit method
     assert "int8 5.0 tok/s = 0.20 x best 16-bit (fp16 25.0)" in c4.numbers and "slowest: int8 5.0" in c4.numbers
-    assert c5.verdict == "holds" and c5.ratio == pytest.approx(1.0)
+    assert c5.verdict == "holds" and c5.ratio == pytest.approx(12 / 25)  # the fastest other method: nf4
+    assert c5.numbers == "fastest other than 16-bit: nf4 12.0 tok/s = 0.48 x best 16-bit (fp16 25.0)"
 
 
 def test_c4_and_c5_fail_when_int8_is_close_and_fp32_fastest():
@@ -186,13 +187,15 @@ def test_c4_and_c5_fail_when_int8_is_close_and_fp32_fastest():
     c4, c5 = _verdict(v, "C4"), _verdict(v, "C5")
     assert c4.verdict == "does not hold" and c4.ratio == pytest.approx(0.6)
     assert c5.verdict == "does not hold" and c5.ratio == pytest.approx(1.5)
-    assert c5.numbers == "fastest: fp32 30.0 tok/s; best 16-bit: bf16 20.0"
+    assert c5.numbers == "fastest other than 16-bit: fp32 30.0 tok/s = 1.50 x best 16-bit (bf16 20.0)"
 
 
 def test_verdict_boundaries():
-    # int8 at exactly half the 16-bit speed is not "much slower"; a method tying the best 16-bit one leaves C5 standing
+    # int8 at exactly half the 16-bit speed is not "much slower"; a method within 5% of the best 16-bit one is a tie
     v = timing.c4_c5_verdicts(_summary({"fp16": 20, "int8": 10, "nf4": 20}))
-    assert _verdict(v, "C4").verdict == "does not hold" and _verdict(v, "C5").verdict == "holds"
+    assert _verdict(v, "C4").verdict == "does not hold" and _verdict(v, "C5").verdict == "inconclusive"
+    for nf4, verdict in ((18.9, "holds"), (19.1, "inconclusive"), (20.9, "inconclusive"), (21.1, "does not hold")):
+        assert _verdict(timing.c4_c5_verdicts(_summary({"fp16": 20, "nf4": nf4})), "C5").verdict == verdict, nf4
     v = timing.c4_c5_verdicts(_summary({"fp16": 20, "int8": 9.99}))
     assert _verdict(v, "C4").verdict == "holds"
 
@@ -201,6 +204,7 @@ def test_groups_without_16_bit_or_int8():
     assert timing.c4_c5_verdicts(_summary({"fp32": 10, "int8": 2})).empty  # nothing to compare with
     v = timing.c4_c5_verdicts(_summary({"fp16": 10, "nf4": 4}))
     assert list(v.claim) == ["C5"]
+    assert timing.c4_c5_verdicts(_summary({"fp16": 10, "bf16": 8})).empty  # 16-bit only: nothing to compare
 
 
 def test_verdicts_per_hardware_class_model_and_batch():
