@@ -33,6 +33,8 @@ import pandas as pd
 import torch
 
 MASK32 = 0xFFFFFFFF
+#: The smallest temperature above 0 (greedy) accepted: below it, scaling float32 logits by 1 / T can overflow.
+MIN_TEMPERATURE = 1e-6
 
 
 # --------------------------------------------------------------------------- validation
@@ -42,6 +44,8 @@ def validate(temperature: float | None = None, top_k: int | None = None, max_new
         not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0
     ):
         raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if temperature is not None and 0 < temperature < MIN_TEMPERATURE:  # 1 / T would overflow the exponentials
+        raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {temperature!r}")
     if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0):
         raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
     if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 1):
@@ -256,7 +260,8 @@ def on_row_threads(work: Callable[[int], None], n_rows: int) -> None:
 
     Arranged for speed on CPU in one place (``benchmarks/measures_kernel.py`` measures each choice):
     each thread runs single-threaded torch ops (short ops on wide rows gain nothing from OpenMP),
-    with subnormal results flushed to zero."""
+    with subnormal results flushed to zero. It sets torch's thread count for the whole process while
+    it runs, so call it from one thread at a time."""
     threads = torch.get_num_threads()
     workers = max(1, min(threads, n_rows))
 
@@ -380,7 +385,7 @@ def row_by_row(x: torch.Tensor) -> bool:
     pass, where a whole-batch op streams the ``[B, V]`` block through memory once per pass; narrower
     rows lose more to the per-row overhead than they gain (a sampling step of 384 rows: 3.2x faster
     at 262k tokens, 1.8x at 131k, 1.5x slower at 65k; ``benchmarks/README.md``)."""
-    return x.device.type == "cpu" and x.shape[-1] >= ROW_BY_ROW_MIN_VOCAB
+    return x.device.type == "cpu" and len(x) > 0 and x.shape[-1] >= ROW_BY_ROW_MIN_VOCAB
 
 
 def by_rows(fn: Callable[[slice], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -424,13 +429,17 @@ def inverse_cdf(weights: torch.Tensor, uniforms: torch.Tensor, block: int = 1024
 
 
 # --------------------------------------------------------------------------- generation
-def left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Left-pad token lists into ``(input_ids, attention_mask, position_ids)``.
+def left_pad(
+    sequences: list[list[int]], pad_id: int, device, width: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-pad token lists to ``width`` (default: the longest) into ``(input_ids, attention_mask,
+    position_ids)``.
 
-    Explicit position ids (counting only real tokens) make a sequence's logits independent of
-    how much padding its batch needed.
+    Explicit position ids (counting only real tokens) make a sequence's logits independent of how
+    much padding its batch needed, for kernels that compute every row on its own: fp32 here, but
+    not LLM.int8() nor every 4-bit kernel (notebook 02, section 5).
     """
-    width = max(map(len, sequences))
+    width = max(map(len, sequences)) if width is None else width
     ids = torch.tensor([[pad_id] * (width - len(s)) + list(s) for s in sequences], device=device)
     mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences], device=device)
     return ids, mask, (mask.cumsum(-1) - 1).clamp_min(0)
@@ -484,7 +493,8 @@ def generate(
     different settings can share a batch, which matters on a CPU, where a decoding step of 384
     sequences costs about 30% less per sequence than one of 72. Prompts are left-padded into
     batches of ``batch_size`` with explicit position ids, so a sequence's logits do not depend on
-    its neighbours (up to floating-point rounding). ``with_nll`` also returns each token's NLL
+    its neighbours (up to floating-point rounding) where the model's kernels compute every row on
+    its own; LLM.int8()'s do not (notebook 02, section 5). ``with_nll`` also returns each token's NLL
     under ``model`` itself (T = 1, no top-k): for the reference model that is
     :func:`reference_nll` without a second forward pass.
     """
