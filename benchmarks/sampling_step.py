@@ -37,11 +37,11 @@ def float64_blocks(probs: torch.Tensor, u: torch.Tensor, block: int = 1024) -> t
     B, V = probs.shape
     blocks = probs.view(B, V // block, block)
     ends = blocks.sum(-1, dtype=torch.float64).cumsum(-1)
-    target = u.double()[:, None] * ends[:, -1:]
-    b = torch.searchsorted(ends, target).clamp_max(V // block - 1)
+    cut = u.double()[:, None] * ends[:, -1:]
+    b = torch.searchsorted(ends, cut).clamp_max(V // block - 1)
     before = torch.where(b > 0, ends.gather(1, (b - 1).clamp_min(0)), 0.0)
     inner = blocks[torch.arange(B), b[:, 0]].double().cumsum(-1)
-    j = torch.minimum(torch.searchsorted(inner, target - before), torch.searchsorted(inner, inner[:, -1:].contiguous()))
+    j = torch.minimum(torch.searchsorted(inner, cut - before), torch.searchsorted(inner, inner[:, -1:].contiguous()))
     return (b * block + j).squeeze(1)
 
 
