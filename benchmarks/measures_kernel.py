@@ -1,15 +1,15 @@
-"""Why the dense part of `helpers.sampling.next_token_measures` is written the way it is.
+"""Why the dense part of `helpers.measures.next_token_measures` is written the way it is.
 
 Times, on real logits (the reference and nf4 over the first positions of Alice ch. I), the same
 measures (TV, KL, entropy at every temperature of notebook 04's running-text grid, top-k off)
-computed four ways, from the plainest to the one `helpers.sampling._dense` uses:
+computed four ways, from the plainest to the one `helpers.measures._dense` uses:
 
 1. `log_softmax` over blocks of rows, every op multi-threaded (the specification, in float32);
 2. one row at a time on each thread (single-threaded torch ops), still `log_softmax`;
 3. the same rows with the sums written out (`exp`, dot products, no `log_softmax`);
 4. as 3 with `exp2` of logits pre-scaled by log2(e);
 5. as 4 with the exponentials written into two buffers reused at every temperature, and TV
-   computed in place in the method's buffer: the kernel in `helpers.sampling`.
+   computed in place in the method's buffer: the kernel in `helpers.measures`.
 
 Also `argmax` against `max(-1).indices` (same indices). Every variant is checked against the
 kernel (largest difference printed).
@@ -25,9 +25,9 @@ import math
 
 import pandas as pd
 import torch
-
 from common import alice_logits, command_line, median_time, save  # benchmarks/ is the script's folder, so on its path
-from helpers import sampling
+
+from helpers import measures
 
 TEMPERATURES = [0.25, 0.5, 0.65, 0.8, 1.0, 1.25, 1.5, 2.0]
 
@@ -69,7 +69,7 @@ def row_exp(a, b, temps):
 
 def row_exp2(a, b, temps):
     a, b = a - a.max(), b - b.max()
-    a2, b2, d = a * sampling.LOG2E, b * sampling.LOG2E, a - b
+    a2, b2, d = a * measures.LOG2E, b * measures.LOG2E, a - b
     out = torch.empty(len(temps), 3, dtype=torch.float64)
     for t, T in enumerate(temps):
         s = 1.0 / T
@@ -82,18 +82,18 @@ def row_exp2(a, b, temps):
 
 
 def per_row(row_fn, ref, x, temps):
-    """``row_fn`` on every row, rows shared out over the threads as `sampling._dense` does."""
+    """``row_fn`` on every row, rows shared out over the threads as `measures._dense` does."""
     out = torch.empty(len(ref), len(temps), 3, dtype=torch.float64)
 
     def work(i):
         out[i] = row_fn(ref[i], x[i], temps)
 
-    sampling.on_row_threads(work, len(ref))
+    measures.on_row_threads(work, len(ref))
     return out
 
 
 def kernel(ref, x, temps):
-    d = sampling._dense(ref, x, temps, torch.zeros(len(ref), dtype=torch.long))
+    d = measures._dense(ref, x, temps, torch.zeros(len(ref), dtype=torch.long))
     return torch.stack([d["tv"], d["kl"], d["entropy"]], -1).permute(1, 0, 2)  # [P, T, 3]
 
 
@@ -108,14 +108,14 @@ def main() -> None:
         "2 log_softmax, one row per thread": lambda: per_row(row_log_softmax, ref, x, TEMPERATURES),
         "3 sums with exp, one row per thread": lambda: per_row(row_exp, ref, x, TEMPERATURES),
         "4 sums with exp2, one row per thread": lambda: per_row(row_exp2, ref, x, TEMPERATURES),
-        "5 as 4, buffers reused at every T (helpers.sampling)": lambda: kernel(ref, x, TEMPERATURES),
+        "5 as 4, buffers reused at every T (helpers.measures)": lambda: kernel(ref, x, TEMPERATURES),
     }
     rows = []
     for name, fn in variants.items():
         seconds = median_time(fn)
         diff = float((fn() - expected).abs().max())
         rows.append({"variant": name, "ms_per_row_and_T": 1e3 * seconds / P / len(TEMPERATURES), "max_abs_diff": diff})
-    for name, fn in (("argmax(-1)", lambda: ref.argmax(-1)), ("max(-1).indices", lambda: sampling.argmax(ref))):
+    for name, fn in (("argmax(-1)", lambda: ref.argmax(-1)), ("max(-1).indices", lambda: measures.argmax(ref))):
         rows.append({"variant": name, "ms_per_row_and_T": 1e3 * median_time(fn) / P, "max_abs_diff": 0.0})
     table = pd.DataFrame(rows)
     kernel_ms = table.ms_per_row_and_T.iloc[4]

@@ -1,18 +1,18 @@
-"""Why the sampling step of `helpers.sampling.generate` works row by row.
+"""Why the sampling step of `helpers.generation.generate` works row by row.
 
 Times one decoding step's sampling (not the forward pass) for the batch notebook 02 decodes: 384
 rows of real next-token logits (Gemma-3 fp32 over the first positions of Alice ch. I, repeated),
 the rows spread over the six temperatures of the default generation grid (greedy to 1.5), top-k
-off. Three ways, from the plainest to the one `helpers.sampling.sample_rows` uses:
+off. Three ways, from the plainest to the one `helpers.generation.sample_rows` uses:
 
 1. whole-batch ops per temperature: `softmax(x / T)`, then the inverse CDF with float64 block totals;
 2. as 1 with unnormalised weights `exp2((x - max) * log2(e) / T)` and float32 block totals;
-3. as 2, one row at a time on each thread (`helpers.sampling.on_row_threads`);
-4. `helpers.sampling.sample_rows`, which takes 3 for rows of at least
-   `helpers.sampling.ROW_BY_ROW_MIN_VOCAB` tokens on CPU and 2 otherwise.
+3. as 2, one row at a time on each thread (`helpers.measures.on_row_threads`);
+4. `helpers.generation.sample_rows`, which takes 3 for rows of at least
+   `helpers.measures.ROW_BY_ROW_MIN_VOCAB` tokens on CPU and 2 otherwise.
 
 Also the log-normaliser the reference needs for the NLL of its own tokens: `torch.logsumexp` over
-the batch against `helpers.sampling.log_normalizer` (the same, row by row for wide rows). Every variant's tokens are
+the batch against `helpers.measures.log_normalizer` (the same, row by row for wide rows). Every variant's tokens are
 compared with the kept version's (share identical).
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/sampling_step.py [--model gemma3-270m] [--rows 384]
@@ -22,18 +22,17 @@ Prints a table and writes build/benchmarks/sampling_step.csv with its provenance
 
 from __future__ import annotations
 
-
 import pandas as pd
 import torch
-
 from common import alice_logits, command_line, median_time, save  # benchmarks/ is the script's folder, so on its path
-from helpers import sampling
+
+from helpers import generation, measures
 
 TEMPERATURES = [0.0, 0.3, 0.5, 0.7, 1.0, 1.5]
 
 
 def float64_blocks(probs: torch.Tensor, u: torch.Tensor, block: int = 1024) -> torch.Tensor:
-    """`sampling.inverse_cdf` with the block totals summed in float64."""
+    """`generation.inverse_cdf` with the block totals summed in float64."""
     B, V = probs.shape
     blocks = probs.view(B, V // block, block)
     ends = blocks.sum(-1, dtype=torch.float64).cumsum(-1)
@@ -50,7 +49,7 @@ def per_setting(x, settings, u, draw):
     out = torch.empty(len(x), dtype=torch.long)
     for T in dict.fromkeys(t for t, _ in settings):
         rows = [i for i, (t, _) in enumerate(settings) if t == T]
-        out[rows] = sampling.argmax(x[rows]) if T == 0 else draw(x[rows], T, u[rows])
+        out[rows] = measures.argmax(x[rows]) if T == 0 else draw(x[rows], T, u[rows])
     return out
 
 
@@ -58,9 +57,9 @@ def one_row_at_a_time(x, settings, u):
     out = torch.empty(len(x), dtype=torch.long)
 
     def work(i):
-        out[i] = sampling.sample_tokens(x[i : i + 1], *settings[i], u[i : i + 1])[0]
+        out[i] = generation.sample_tokens(x[i : i + 1], *settings[i], u[i : i + 1])[0]
 
-    sampling.on_row_threads(work, len(x))
+    measures.on_row_threads(work, len(x))
     return out
 
 
@@ -70,18 +69,18 @@ def main() -> None:
     x = logits.repeat(-(-args.rows // len(logits)), 1)[: args.rows].contiguous()
     B, V = x.shape
     settings = [(TEMPERATURES[i % len(TEMPERATURES)], 0) for i in range(B)]
-    u = sampling.step_uniforms(torch.arange(B), 0)
+    u = generation.step_uniforms(torch.arange(B), 0)
     variants = {
         "1 whole batch: softmax(x / T), float64 block totals": lambda: per_setting(
             x, settings, u, lambda r, T, v: float64_blocks(torch.softmax(r / T, -1), v)
         ),
         "2 whole batch: exp2 weights, float32 block totals": lambda: per_setting(
-            x, settings, u, lambda r, T, v: sampling.inverse_cdf(sampling.sampling_weights(r, T), v)
+            x, settings, u, lambda r, T, v: generation.inverse_cdf(generation.sampling_weights(r, T), v)
         ),
         "3 row by row: exp2 weights, float32 block totals": lambda: one_row_at_a_time(x, settings, u),
-        "4 sample_rows (3 or 2 by row width)": lambda: sampling.sample_rows(x, settings, u),
+        "4 sample_rows (3 or 2 by row width)": lambda: generation.sample_rows(x, settings, u),
     }
-    kept = sampling.sample_rows(x, settings, u)
+    kept = generation.sample_rows(x, settings, u)
     rows = []
     for name, fn in variants.items():
         same = float((fn() == kept).float().mean())
@@ -89,7 +88,7 @@ def main() -> None:
     exact = torch.logsumexp(x.double(), -1)
     for name, fn in (
         ("torch.logsumexp, whole batch", lambda: torch.logsumexp(x, -1)),
-        ("log_normalizer: the same, row by row by row width", lambda: sampling.log_normalizer(x)),
+        ("log_normalizer: the same, row by row by row width", lambda: measures.log_normalizer(x)),
     ):
         err = float((fn().double() - exact).abs().max())
         rows.append({"variant": name, "ms_per_step": 1e3 * median_time(fn), "max_abs_error": err})

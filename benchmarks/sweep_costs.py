@@ -1,7 +1,7 @@
 """Measure the two cost claims of the sampling sweep (issue: notebooks 02/04).
 
 1. Exact next-token analysis: time of one batched forward pass over the prompts vs the time of
-   `sampling.next_token_measures` over a 21-point temperature grid x top-k grid.
+   `measures.next_token_measures` over a 21-point temperature grid x top-k grid.
 2. Batched seeded sampling vs a per-sample loop producing the same samples (checked).
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/sweep_costs.py [--models smollm2-135m]
@@ -16,9 +16,9 @@ import argparse
 
 import pandas as pd
 import torch
-
 from common import median_time, save  # benchmarks/ is the script's folder, so on its path
-from helpers import REPO_ROOT, methods, runtime, sampling, sweep
+
+from helpers import REPO_ROOT, generation, measures, methods, runtime, sweep
 
 
 def main() -> None:
@@ -37,9 +37,9 @@ def main() -> None:
         answers = sweep.answer_token_ids(tok, list(prompts.answer))
         logits = sweep.last_token_logits(model, tok, texts)
         other = logits + 0.05 * torch.randn_like(logits)
-        fwd = median_time(lambda: sweep.last_token_logits(model, tok, texts))
+        fwd = median_time(lambda: sweep.last_token_logits(model, tok, texts))  # noqa: B023 (called at once)
         for ks in ([0], [0, 5, 20, 50, 200]):
-            meas = median_time(lambda: sampling.next_token_measures(logits, other, temps, ks, answers))
+            meas = median_time(lambda: measures.next_token_measures(logits, other, temps, ks, answers))  # noqa: B023 (called at once)
             rows.append(
                 {
                     "model": name,
@@ -53,7 +53,7 @@ def main() -> None:
         if name == args.models[0]:
             sub = sweep.generation_subset(prompts, 4)
             jobs = [(p, s) for p in sub.prompt for s in range(4)]
-            seeds = [sampling.sequence_seed(p, s) for p, s in jobs]
+            seeds = [generation.sequence_seed(p, s) for p, s in jobs]
             texts = [p for p, _ in jobs]
             check = sweep.batched_vs_loop(model, tok, texts, seeds, 0.8, 16, batch_size=64)
             rows.append(

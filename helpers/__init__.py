@@ -1,23 +1,29 @@
 """Shared code for the post-training-quantization compendium.
 
-One module per concern; notebooks import what they need:
+One module per concern, one line each; notebooks import what they need:
 
-- :mod:`helpers.models`        the embedded real models (GGUF in PyPI wheels -> safetensors) and
-                               how a model name in the parameters is resolved
+- :mod:`helpers.models`        the embedded real models (GGUF in PyPI wheels -> safetensors), model names
 - :mod:`helpers.methods`       the method registry (fp32 ... fp4-dq) and :func:`~helpers.methods.load`
 - :mod:`helpers.quantization`  codebooks, block-wise round trips, bits and bytes of quantized models
-- :mod:`helpers.evaluation`    perplexity and seeded continuations
-- :mod:`helpers.sampling`      exact next-token measures over (T, top-k); seeded batched generation
-                               with common random numbers; quality measures of generations
+- :mod:`helpers.evaluation`    perplexity on held-out text, seeded continuations (notebook 01)
+- :mod:`helpers.measures`      exact next-token measures over (T, top-k) and their CPU kernel
+- :mod:`helpers.generation`    seeded batched generation, quality of generations, the batch check
 - :mod:`helpers.sweep`         the sampling sweep of notebook 02, cut into resumable units
-- :mod:`helpers.store`         append-only results store that survives SIGKILL
-- :mod:`helpers.stats`         block-bootstrap confidence intervals
+- :mod:`helpers.textscore`     next-word prediction on running text, effective temperature (notebook 04)
 - :mod:`helpers.analysis`      paired method-vs-reference comparisons over prompts, verdicts (notebook 04)
-- :mod:`helpers.timing`        speed and memory measurement, bandwidth and bytes per token (notebook 03)
+- :mod:`helpers.timing`        speed measurement and the C4/C5 verdicts (notebook 03)
+- :mod:`helpers.memory`        what a model holds, peak memory, bandwidth and bytes per token
 - :mod:`helpers.outliers`      LLM.int8() outlier features from recorded activations (notebook 05)
-- :mod:`helpers.runtime`       thread control, quiet logging, machine load, a synchronized timer
+- :mod:`helpers.bits`          quality per model bit, larger-at-lower-precision (notebook 06)
+- :mod:`helpers.explorer`      the temperature explorer (notebook 07)
+- :mod:`helpers.stats`         block-bootstrap confidence intervals
+- :mod:`helpers.store`         append-only results store that survives SIGKILL; the one cache-key rule
 - :mod:`helpers.provenance`    data files with their provenance sidecar
+- :mod:`helpers.runtime`       thread control, quiet logging, machine load, hardware class, a timer
+- :mod:`helpers.notebook`      the one setup call of every notebook
 - :mod:`helpers.runner`        executes the numbered notebooks with papermill
+- :mod:`helpers.compare`       a rerun's tables against the committed ones: what moved
+- :mod:`helpers.workers`       shares the units of notebooks 02 and 04 over processes or machines
 """
 
 from pathlib import Path

@@ -1,14 +1,14 @@
 """The temperature explorer of notebook 07: next-token distributions of several methods side by side.
 
 Temperature ``T`` and top-k only reshape the next-token distribution
-``p = softmax(topk(logits, k) / T)`` (:func:`helpers.sampling.next_token_probs`). So the
+``p = softmax(topk(logits, k) / T)`` (:func:`helpers.measures.next_token_probs`). So the
 explorer runs each model once per method over a list of prompts, keeps the logits at the last
 position (:class:`LogitCache`, in memory and optionally on disk), and a slider move only
 re-applies the softmax: :func:`view` gives, for every method, its most probable tokens with their
 probabilities, the entropy of its distribution and its total variation distance from the
 reference method's distribution at the same (T, k).
 
-Conventions as in :mod:`helpers.sampling`: ``T == 0`` is greedy (all probability on the argmax),
+Conventions as in :mod:`helpers.measures`: ``T == 0`` is greedy (all probability on the argmax),
 ``top_k == 0`` is off, and top-k keeps exactly k tokens even on ties. Entropies are in nats.
 
 :func:`plot_views` draws a view as horizontal bars (the static figure of the notebook),
@@ -21,17 +21,18 @@ from __future__ import annotations
 import hashlib
 import html
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
+from . import measures
 from . import methods as registry
 from . import models as zoo
-from . import sampling
 from .provenance import package_versions
 from .sweep import last_token_logits
 
@@ -107,7 +108,7 @@ def view(
     distance from the reference and how many tokens keep non-zero probability. Without the
     reference among the methods, the reference columns are NaN.
     """
-    sampling.validate(temperature=temperature, top_k=top_k)
+    measures.validate(temperature=temperature, top_k=top_k)
     if not isinstance(n_top, int) or n_top < 1:
         raise ValueError(f"n_top must be an integer >= 1, got {n_top!r}")
     if not logits_by_method:
@@ -115,7 +116,7 @@ def view(
     sizes = {m: tuple(x.shape) for m, x in logits_by_method.items()}
     if len(set(sizes.values())) != 1 or len(next(iter(sizes.values()))) != 1:
         raise ValueError(f"every method needs one logit vector over the same vocabulary, got shapes {sizes}")
-    probs = {m: sampling.next_token_probs(x, temperature, top_k).double() for m, x in logits_by_method.items()}
+    probs = {m: measures.next_token_probs(x, temperature, top_k).double() for m, x in logits_by_method.items()}
     ref = probs.get(reference)
     rows = []
     for method, p in probs.items():
@@ -176,14 +177,14 @@ def over_prompts(
     ``mean_tv``, ``max_tv``, ``mean_entropy`` (nats), ``top1_agree`` (share of prompts whose
     argmax equals the reference's) and the mean TV over the prompts where the argmax agrees
     (``mean_tv_top1_same``) and where it differs (``mean_tv_top1_differs``; NaN where there are
-    none), computed by :func:`helpers.sampling.next_token_measures`.
+    none), computed by :func:`helpers.measures.next_token_measures`.
     """
     if reference not in logits_by_method:
         raise ValueError(f"the reference method {reference!r} is not among {list(logits_by_method)}")
     ref = logits_by_method[reference]
     rows = []
     for method, x in logits_by_method.items():
-        m = sampling.next_token_measures(ref, x, list(temperatures), [top_k])
+        m = measures.next_token_measures(ref, x, list(temperatures), [top_k])
         for T, g in m.groupby("temperature", sort=False):
             rows.append(
                 {

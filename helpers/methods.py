@@ -40,12 +40,13 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, Literal
+from typing import Literal
 
 import torch
 
-from .models import check_available, resolve
+from .models import check_available, hub_local_only, model_kind, resolve
 from .runtime import resolve_device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -240,16 +241,17 @@ def load_tokenizer(model: str):
 
     Reading Gemma-3's 262k-entry ``tokenizer.json`` takes ~4 s, more than loading and quantizing
     its weights, and notebooks load each model once per method, so every method shares one.
-    Nothing in the compendium modifies a tokenizer after its pad token is set here.
+    Nothing in the compendium modifies a tokenizer after its pad token is set here. A Hub id is
+    checked first (:func:`helpers.models.hub_local_only`), as in :func:`load`.
     """
-    return _tokenizer(str(resolve(model)))
+    return _tokenizer(str(resolve(model)), model_kind(model) == "hub" and hub_local_only(model))
 
 
 @functools.lru_cache(maxsize=8)
-def _tokenizer(path: str):
+def _tokenizer(path: str, local_only: bool):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -274,7 +276,9 @@ def load(
     """Load ``model`` quantized with ``method`` on ``device``; return ``(model, tokenizer)``.
 
     ``model`` is an embedded name, a local folder or a Hub id (see :func:`helpers.models.resolve`).
-    Bad names fail here, before anything is read. The model is returned in eval mode.
+    Bad names fail here, before anything is read; a Hub id that is neither reachable nor in the
+    local cache fails in seconds (:func:`helpers.models.hub_local_only`), and one that is cached
+    while the Hub cannot be reached loads from the cache without retries. The model is returned in eval mode.
     ``int8_threshold`` overrides the outlier threshold of an int8 method (notebook 05's sweep).
 
     **Sharding and offload.** By default the whole model goes to ``device``. With
@@ -311,10 +315,12 @@ def load(
     dtype = compute_dtype_for(spec, device, compute_dtype)
     placement = _placement(spec, device, device_map, max_memory, offload_folder, offload_unquantized)
     path = resolve(model)
-    tokenizer = _tokenizer(str(path))  # see load_tokenizer
+    local_only = model_kind(model) == "hub" and hub_local_only(model)
+    tokenizer = _tokenizer(str(path), local_only)  # shared with load_tokenizer
     try:
         net = AutoModelForCausalLM.from_pretrained(
             path,
+            local_files_only=local_only,
             dtype=dtype,
             quantization_config=quantization_config(spec, dtype, offload_unquantized and device != "cpu"),
             low_cpu_mem_usage=True,

@@ -40,10 +40,11 @@ import sys
 import tempfile
 import threading
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Literal
+from typing import TYPE_CHECKING, Literal
 
 from . import REPO_ROOT
 
@@ -125,7 +126,7 @@ GGUF_TENSOR_NAMES = {
 }
 
 
-def block_linears(model) -> list[tuple[str, int, str, "torch.nn.Linear"]]:
+def block_linears(model) -> list[tuple[str, int, str, torch.nn.Linear]]:
     """``(name, block, role, module)`` for every Linear inside the transformer blocks.
 
     Hugging Face names them ``...layers.<block>.<role>``, e.g. ``model.layers.3.mlp.down_proj``
@@ -365,6 +366,16 @@ def _check_embedded(name: str) -> None:
             metadata.version(requirement.split("==")[0])
         except metadata.PackageNotFoundError:
             raise ModelUnavailableError(f"{name} is not prepared and {_missing_package_message(name)}") from None
+
+
+def hub_local_only(repo_id: str, timeout_s: float = 5.0) -> bool:
+    """Check a Hub id as :func:`check_available` does (raising :class:`ModelUnavailableError` in
+    seconds where it cannot be loaded) and return whether it must be loaded from the local cache
+    only: True when ``HF_HUB_OFFLINE`` is set or the Hub cannot be reached, so that loading does not
+    spend ~45 s on retries first."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the advice to set HF_HUB_OFFLINE: loading follows it here
+        return hub_offline() or _check_hub(repo_id, timeout_s, None) is not None
 
 
 def hub_cache_dir() -> Path:

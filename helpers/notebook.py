@@ -16,7 +16,8 @@ from typing import Any
 
 import pandas as pd
 
-from . import methods as registry, provenance, runtime
+from . import methods as registry
+from . import provenance, runtime
 from .runner import NOTEBOOKS_DIR, parameter_defaults
 
 

@@ -30,7 +30,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import sampling
 from .models import block_linears
 
 #: ``c`` of the scale-relative criterion ``|x| >= c * median|x|`` (see the module docstring).
@@ -91,7 +90,7 @@ class ActivationRecorder:
         self.stats: dict[str, LayerStats] = {}
         self._handles: list = []
 
-    def __enter__(self) -> "ActivationRecorder":
+    def __enter__(self) -> ActivationRecorder:
         for name, block, role, module in block_linears(self.model):
             role = role.rsplit(".", 1)[-1]
             if role in HIDDEN_INPUT + OTHER_INPUT:
@@ -228,56 +227,3 @@ def set_int8_threshold(model: torch.nn.Module, threshold: float, roles: tuple[st
         module.state.threshold = float(threshold) if hit else 0.0
         chosen += hit
     return chosen
-
-
-@torch.inference_mode()
-def batch_dependence(model: torch.nn.Module, tokenizer, prompts: list[str], copies: int = 4) -> dict[str, float]:
-    """How much each prompt's next-token log-probabilities change with the batch it is computed in.
-
-    Each prompt alone is compared with the same prompt computed three other ways, each adding one
-    thing: ``padded``, alone but left-padded to the width of the longest prompt (padding only);
-    ``copies``, in a batch of ``copies`` copies of itself (more rows, same content); ``mixed``, in
-    one left-padded batch of all ``prompts`` (other content, padding and more rows: how
-    :func:`helpers.sampling.generate` starts). Explicit position ids throughout. For each view, the
-    largest and the median over prompts of ``max |log p(batched) - log p(alone)|`` over the
-    vocabulary (nats), and the share of prompts whose greedy token changes. This is the first
-    step (the prompt) only, not the decoding steps after it. Kernels that compute every row on
-    its own change by float32 rounding only (about 1e-5); LLM.int8() chooses its outlier columns
-    over all rows of a matmul's input (bitsandbytes#28, transformers#27626), and kernels chosen by
-    the input's shape can round differently.
-    """
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    encoded = [tokenizer(p)["input_ids"] for p in prompts]
-    width = max(map(len, encoded))
-
-    def log_probs(seqs: list[list[int]], pad_to: int | None = None) -> torch.Tensor:
-        ids, mask, pos = sampling.left_pad(seqs, pad, device, pad_to)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1).logits[:, -1]
-        return torch.log_softmax(logits.float(), -1)
-
-    alone = torch.cat([log_probs([ids]) for ids in encoded])
-    views = {
-        "padded": torch.cat([log_probs([ids], width) for ids in encoded]),
-        "copies": torch.cat([log_probs([ids] * copies)[:1] for ids in encoded]),
-        "mixed": log_probs(encoded),
-    }
-    out: dict[str, float] = {"prompts": len(prompts)}
-    for name, x in views.items():
-        change = (x - alone).abs().amax(-1)
-        out[f"{name}_max_change"] = float(change.max())
-        out[f"{name}_median_change"] = float(change.median())
-        out[f"{name}_greedy_changed"] = float((sampling.argmax(x) != sampling.argmax(alone)).float().mean())
-    return out
-
-
-#: The views of :func:`batch_dependence`.
-BATCH_VIEWS = ("padded", "copies", "mixed")
-
-
-def batch_dependent(table: pd.DataFrame, tolerance: float = 1e-3) -> pd.DataFrame:
-    """A :func:`batch_dependence` table (one row per model and method) with ``max_change``, the
-    largest change over the views, and ``dependent``: True where it exceeds ``tolerance`` nats, far
-    above float32 rounding, or is not a number."""
-    moved = table[[f"{v}_max_change" for v in BATCH_VIEWS]].max(axis=1, skipna=False)
-    return table.assign(max_change=moved, dependent=moved.isna() | (moved > tolerance))

@@ -13,6 +13,7 @@ count, so a run from a clean checkout is recorded as clean although it changes t
 
 from __future__ import annotations
 
+import csv
 import datetime as _dt
 import json
 import os
@@ -107,13 +108,20 @@ def save_table(df: pd.DataFrame, path: str | os.PathLike[str], *, device: str = 
     """Write ``df`` as CSV and its provenance sidecar; return the CSV path.
 
     Both files are written to a temporary name and renamed, so an interrupted run never
-    leaves a half-written table behind.
+    leaves a half-written table behind. Every text field is quoted, so generated text that holds
+    a carriage return, a newline or a quote reads back unchanged with any CSV reader (plain
+    ``pandas.read_csv``, Python's ``csv`` module, R, a spreadsheet).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    # rows end in "\n" on every platform; a bare "\r" inside generated text stays data (see load_table)
-    df.to_csv(tmp, index=False, lineterminator="\n", compression="gzip" if path.name.endswith(".gz") else None)
+    df.to_csv(
+        tmp,
+        index=False,
+        lineterminator="\n",  # on every platform
+        quoting=csv.QUOTE_NONNUMERIC,  # numbers bare, text quoted: a bare "\r" in a text field stays data
+        compression="gzip" if path.name.endswith(".gz") else None,
+    )
     record = provenance(device=device, rows=len(df), columns=list(df.columns), **meta)
     side_tmp = sidecar(path).with_suffix(".tmp")
     side_tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
@@ -123,12 +131,10 @@ def save_table(df: pd.DataFrame, path: str | os.PathLike[str], *, device: str = 
 
 
 def load_table(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Read a table written by :func:`save_table` and its provenance.
-
-    Only ``"\n"`` ends a row: pandas writes a text field holding a bare ``"\r"`` (which models do
-    generate) without quotes, and the default reader would split the row there."""
+    """Read a table written by :func:`save_table` and its provenance (a plain ``pandas.read_csv``
+    reads the table the same way)."""
     path = Path(path)
     meta_path = sidecar(path)
     if not meta_path.exists():
         raise FileNotFoundError(f"{path} has no provenance file {meta_path.name}")
-    return pd.read_csv(path, lineterminator="\n"), json.loads(meta_path.read_text())
+    return pd.read_csv(path), json.loads(meta_path.read_text())

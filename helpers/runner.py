@@ -62,13 +62,15 @@ def numbered_notebooks(folder: Path = NOTEBOOKS_DIR) -> list[Path]:
 
 
 def source_hash(notebook: Path | dict) -> str:
-    """sha256 over the type and source of every cell (outputs and metadata ignored)."""
+    """sha256 over the source of every code cell, the parameters cell included (markdown, outputs
+    and metadata ignored): a copy executed from the same code and parameters is fresh whatever
+    the prose around it says."""
     nb = json.loads(Path(notebook).read_text()) if not isinstance(notebook, dict) else notebook
     digest = hashlib.sha256()
     for cell in nb["cells"]:
         src = cell["source"] if isinstance(cell["source"], str) else "".join(cell["source"])
-        if "injected-parameters" in cell.get("metadata", {}).get("tags", []):
-            continue  # papermill's injected cell is not part of the source
+        if cell["cell_type"] != "code" or "injected-parameters" in cell.get("metadata", {}).get("tags", []):
+            continue  # prose, and papermill's injected cell, are not part of what runs
         digest.update(cell["cell_type"].encode() + b"\0" + src.encode() + b"\0")
     return digest.hexdigest()
 

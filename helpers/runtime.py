@@ -15,8 +15,9 @@ import platform
 import re
 import time
 import warnings
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -77,21 +78,70 @@ def quiet() -> None:
 
 
 def cpu_description(cpuinfo: Path = CPUINFO) -> dict[str, Any]:
-    """CPU model and the SIMD flags (of :data:`SIMD_FLAGS`) that decide which kernels run."""
-    model, flags = platform.processor() or "unknown", set()
+    """CPU model, vendor, family and model numbers (cpuid), and the SIMD flags (of
+    :data:`SIMD_FLAGS`) that decide which kernels run."""
+    fields: dict[str, str] = {}
+    flags: set[str] = set()
     try:
         for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "flags":
+                flags = set(value.split())
+            elif key in ("model name", "vendor_id", "cpu family", "model") and key not in fields:
+                fields[key] = value.strip()
     except OSError:
         pass
-    return {"cpu": model, "cpu_flags": sorted(f for f in SIMD_FLAGS if f in flags)}
+    return {
+        "cpu": fields.get("model name") or platform.processor() or "unknown",
+        "cpu_vendor": fields.get("vendor_id", ""),
+        "cpu_family": int(fields["cpu family"]) if fields.get("cpu family", "").isdigit() else None,
+        "cpu_model": int(fields["model"]) if fields.get("model", "").isdigit() else None,
+        "cpu_flags": sorted(f for f in SIMD_FLAGS if f in flags),
+    }
+
+
+#: Intel family-6 server models by cpuid model number (others are named by their number).
+_INTEL_MODELS = {
+    0x55: "skylake",  # Skylake-SP, Cascade Lake, Cooper Lake
+    0x6A: "icelake",
+    0x6C: "icelake",
+    0x8F: "sapphirerapids",
+    0xCF: "emeraldrapids",
+    0xAD: "graniterapids",
+    0xAE: "graniterapids",
+}
+
+
+def cpu_family_name(vendor: str, family: int | None, model: int | None, name: str = "") -> str:
+    """``vendor-microarchitecture`` of a CPU from its cpuid vendor, family and model numbers:
+    ``amd-zen4`` (AMD family 25, model 17), ``amd-zen5`` (family 26), ``intel-sapphirerapids``
+    (Intel family 6, model 143). Unknown numbers give ``intel-f6m150``; unknown numbers and no
+    numbers at all give the product line from the model name (``intel-xeon``, ``amd-epyc``).
+    Two CPUs with the same SIMD flags can still take different kernels at different speeds, so
+    the microarchitecture is part of the hardware class."""
+    vendor = {"GenuineIntel": "intel", "AuthenticAMD": "amd"}.get(vendor, "")
+    words = [w for w in re.sub(r"\(r\)|\(tm\)|[^a-z0-9 ]", " ", name.lower()).split() if w not in ("intel", "amd")]
+    vendor = vendor or ("intel" if "intel" in name.lower() else "amd" if "amd" in name.lower() else "unknown")
+    if vendor == "amd" and family is not None and model is not None:
+        if family == 23:
+            return "amd-zen2" if model >= 0x30 else "amd-zen1"
+        if family == 25:
+            return (
+                "amd-zen4" if (0x10 <= model <= 0x1F or 0x60 <= model <= 0x7F or 0xA0 <= model <= 0xAF) else "amd-zen3"
+            )
+        if family == 26:
+            return "amd-zen5"
+    if vendor == "intel" and family == 6 and model in _INTEL_MODELS:
+        return f"intel-{_INTEL_MODELS[model]}"
+    if family is not None and model is not None:
+        return f"{vendor}-f{family}m{model}"
+    return f"{vendor}-{words[0] if words else 'cpu'}"
 
 
 def cpu_class(flags: Iterable[str]) -> str:
-    """``cpu-avx512bf16``, ``cpu-avx512``, ``cpu-avx2`` or ``cpu-generic`` from a CPU's flags.
+    """``cpu-avx512bf16``, ``cpu-avx512``, ``cpu-avx2`` or ``cpu-generic`` from a CPU's flags
+    (the instruction-set part of :func:`hardware_class`).
 
     AVX512-BF16 gets its own class because bitsandbytes switches its CPU 4-bit path on it: with
     ``bitsandbytes.functional.has_avx512bf16()`` a ``Linear4bit`` repacks its weights for another
@@ -124,16 +174,21 @@ def gpu_class(name: str, rocm: bool = False) -> str:
 
 
 def hardware_class(device: str = "cpu", cpuinfo: Path = CPUINFO) -> str:
-    """The class of hardware ``device`` computes on, e.g. ``cpu-avx2`` or ``cuda-h100``.
+    """The class of hardware ``device`` computes on: ``cuda-h100``, or on CPU the instruction set
+    and the vendor and microarchitecture, ``cpu-avx512bf16-amd-zen4`` (:func:`cpu_class`,
+    :func:`cpu_family_name`).
 
     Results (speed, and on CPU the bitsandbytes kernels and so the exact numbers) are
-    comparable within a class; every provenance record carries it.
+    comparable within a class; every provenance record carries it. The speed verdicts of notebook
+    03 flipped between an Intel Xeon and an AMD EPYC with the same instruction set, hence both parts.
     """
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             return "cuda-unavailable"
         return gpu_class(torch.cuda.get_device_name(device), rocm=torch.version.hip is not None)
-    return cpu_class(cpu_description(cpuinfo)["cpu_flags"])
+    cpu = cpu_description(cpuinfo)
+    family = cpu_family_name(cpu["cpu_vendor"], cpu["cpu_family"], cpu["cpu_model"], cpu["cpu"])
+    return f"{cpu_class(cpu['cpu_flags'])}-{family}"
 
 
 def resolve_device(device: str) -> str:

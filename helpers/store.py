@@ -11,19 +11,126 @@ either exists whole or not at all. So a sweep killed at any moment (even SIGKILL
 
 Leftover ``*.tmp`` files of a unit that was being written when the process died are ignored
 and removed on the next :meth:`ResultStore.read`.
+
+**One cache-key rule.** Every unit key holds the unit's settings and :func:`code_digest` of the
+functions that compute its rows: the syntax trees, without docstrings, of those functions and of
+every function, class and constant of ``helpers`` that they reach by name. Editing a docstring, a
+comment or code that the unit does not run recomputes nothing; changing code it runs recomputes
+it. Library versions are recorded in each unit's provenance, not in its key.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
+import importlib
+import inspect
 import json
 import re
+import sys
+import textwrap
+import types
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from .provenance import load_table, save_table, sidecar
+
+PACKAGE = __name__.rsplit(".", 1)[0]  # "helpers"
+_CONSTANT = re.compile(r"_?[A-Z][A-Z0-9_]*")
+
+
+def _target(obj: Any) -> Any:
+    """The function behind a property, static or class method, or decorator (else ``obj``)."""
+    obj = obj.fget if isinstance(obj, property) else obj
+    obj = obj.__func__ if isinstance(obj, (staticmethod, classmethod)) else obj
+    return inspect.unwrap(obj) if inspect.isfunction(obj) else obj
+
+
+def _ours(obj: Any) -> bool:
+    """Whether ``obj`` is a function or class defined in this package."""
+    module = getattr(obj, "__module__", None) or ""
+    return (inspect.isfunction(obj) or inspect.isclass(obj)) and module.split(".")[0] == PACKAGE
+
+
+def _tree(obj: Any) -> ast.AST:
+    """The syntax tree of a function or class, every docstring in it removed."""
+    node = ast.parse(textwrap.dedent(inspect.getsource(obj))).body[0]
+    for n in ast.walk(node):
+        body = getattr(n, "body", None)
+        if (
+            isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)
+        ):
+            n.body = body[1:] or [ast.Pass()]
+    return node
+
+
+def _owner(fn: Any) -> type | None:
+    """The class a function is defined in (from its qualified name), or None."""
+    obj: Any = sys.modules.get(fn.__module__)
+    for part in fn.__qualname__.split(".")[:-1]:
+        obj = getattr(obj, part, None)
+    return obj if inspect.isclass(obj) else None
+
+
+def _reached(obj: Any, node: ast.AST) -> list[tuple[str, Any]]:
+    """``(label, value)`` of every name in ``node``: ``name``, ``module.name`` and ``self.name`` /
+    ``cls.name``, resolved in ``obj``'s module and class (the label names a constant)."""
+    module = sys.modules[obj.__module__]
+    scope = vars(module)
+    owner = obj if inspect.isclass(obj) else _owner(obj)
+    found = []
+    for n in ast.walk(node):
+        if isinstance(n, ast.ImportFrom) and n.level and obj.__module__.split(".")[0] == PACKAGE:
+            # an import inside a function: `from .quantization import storage_report`
+            base = importlib.import_module("." * n.level + (n.module or ""), package=module.__package__)
+            found += [(f"{base.__name__}:{a.name}", getattr(base, a.name, None)) for a in n.names]
+        elif isinstance(n, ast.Name) and n.id in scope:
+            found.append((f"{module.__name__}:{n.id}", scope[n.id]))
+        elif isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name):
+            base = scope.get(n.value.id)
+            if isinstance(base, types.ModuleType) and base.__name__.split(".")[0] == PACKAGE:
+                found.append((f"{base.__name__}:{n.attr}", getattr(base, n.attr, None)))
+            elif n.value.id in ("self", "cls") and owner is not None:
+                value = inspect.getattr_static(owner, n.attr, None)
+                found.append((f"{owner.__module__}:{owner.__qualname__}.{n.attr}", value))
+    return found
+
+
+def code_closure(*entries: Any) -> dict[str, str]:
+    """The code a unit runs: ``entries`` (functions, methods or classes of this package) and every
+    function, class and upper-case module constant of the package that they reach by name,
+    transitively. Maps ``module:qualname`` to the docstring-free syntax tree (``ast.dump``), or to
+    the constant's ``repr``. Calls through other objects (a model's ``forward``, a callback) are
+    not followed: library code is recorded by version in the provenance, not here."""
+    out: dict[str, str] = {}
+    todo: list[tuple[str, Any]] = [("", e) for e in entries]
+    while todo:
+        label, obj = todo.pop()
+        obj = _target(obj)
+        if _ours(obj):
+            label = f"{obj.__module__}:{obj.__qualname__}"
+            if label not in out:
+                node = _tree(obj)
+                out[label] = ast.dump(node)
+                todo += _reached(obj, node)
+        elif isinstance(obj, (int, float, str, tuple, frozenset)) and _CONSTANT.fullmatch(label.partition(":")[2]):
+            out[label] = repr(obj)  # a module constant such as LOG2E (lower-case names are state)
+    return out
+
+
+def code_digest(*entries: Any, extra: str = "") -> str:
+    """Ten hex digits of sha256 over :func:`code_closure` of ``entries`` and ``extra`` (such as the
+    input documents): the part of a unit key that says which code computed the unit."""
+    h = hashlib.sha256(extra.encode())
+    for label, code in sorted(code_closure(*entries).items()):
+        h.update(label.encode() + b"\0" + code.encode() + b"\0")
+    return h.hexdigest()[:10]
 
 
 def _slug(value: Any) -> str:

@@ -4,7 +4,7 @@ Two kinds of work units, each stored by :class:`helpers.store.ResultStore` as so
 finished (so a killed sweep resumes where it stopped):
 
 * **exact** (model, method): one forward pass over every prompt, then
-  :func:`helpers.sampling.next_token_measures` for every (T, k) of the fine grid against the
+  :func:`helpers.measures.next_token_measures` for every (T, k) of the fine grid against the
   reference method's logits;
 * **generation** (model, method, T, k), for the methods in ``gen_methods``: seeded
   fixed-length generations for a subset of prompts x ``n_seeds`` samples, scored for every
@@ -22,31 +22,20 @@ costs about 30% less per sequence than six of 72), and stored one unit at a time
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import pandas as pd
 import torch
 
+from . import generation, measures
 from . import methods as registry
-from . import sampling
 from .runtime import machine_load, timed
-from .store import ResultStore
+from .store import ResultStore, code_digest
 
 PROMPT_COLUMNS = ("id", "kind", "category", "prompt", "answer")
-
-
-def code_digest() -> str:
-    """Hash of the code that computes a unit's rows (this file and sampling.py).
-
-    It is part of every unit key, so units stored by an older version of the measures are not
-    silently mixed with new ones: after a change they are recomputed.
-    """
-    h = hashlib.sha256()
-    for mod in (sampling.__file__, __file__):
-        h.update(Path(mod).read_bytes())
-    return h.hexdigest()[:10]
 
 
 def read_prompts(path: str | Path) -> pd.DataFrame:
@@ -94,7 +83,7 @@ def last_token_logits(model, tokenizer, prompts: list[str], batch_size: int = 32
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out = []
     for start in range(0, len(prompts), batch_size):
-        x, mask, pos = sampling.left_pad(
+        x, mask, pos = generation.left_pad(
             [tokenizer(p)["input_ids"] for p in prompts[start : start + batch_size]], pad, device
         )
         # logits_to_keep=1: the lm_head runs for the last position only (a 262k vocabulary is costly)
@@ -148,8 +137,8 @@ class SweepConfig(registry.ComparisonConfig):
             extra = [m for m in self.gen_methods if m not in self.methods]
             if extra:
                 raise ValueError(f"gen_methods {extra} are not in methods {self.methods}")
-        sampling.validate_grid(self.exact_temperatures, self.exact_top_ks, self.max_new_tokens)
-        sampling.validate_grid(self.gen_temperatures, self.gen_top_ks, self.max_new_tokens)
+        measures.validate_grid(self.exact_temperatures, self.exact_top_ks, self.max_new_tokens)
+        measures.validate_grid(self.gen_temperatures, self.gen_top_ks, self.max_new_tokens)
         for name in ("n_seeds", "batch_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -186,7 +175,12 @@ class Sweep:
         if progress is None:
             from tqdm.auto import tqdm as progress
         self.progress = progress  # called as progress(total=..., desc=...), like tqdm
-        self.code = code_digest()
+        # the code each kind of unit runs (helpers.store.code_digest): a change to generation
+        # code leaves the exact units stored, and the other way round
+        self.code = {
+            "exact": code_digest(Sweep._exact, last_token_logits, registry.load),
+            "gen": code_digest(Sweep._generations, registry.load),
+        }
 
     # unit keys: every setting that changes the unit's rows
     def exact_key(self, model: str, method: str) -> dict[str, Any]:
@@ -200,7 +194,7 @@ class Sweep:
             "prompts": self.digest,
             "temperatures": c.exact_temperatures,
             "top_ks": c.exact_top_ks,
-            "code": self.code,
+            "code": self.code["exact"],
         }
 
     def gen_key(self, model: str, method: str, temperature: float, top_k: int) -> dict[str, Any]:
@@ -218,7 +212,7 @@ class Sweep:
             "n_seeds": c.n_seeds,
             "base_seed": c.base_seed,
             "max_new_tokens": c.max_new_tokens,
-            "code": self.code,
+            "code": self.code["gen"],
         }
 
     def units(self) -> list[Unit]:
@@ -259,7 +253,7 @@ class Sweep:
             {"unit": unit, **meta["timing"]}
             for unit, store in (("exact", self.exact_store), ("gen", self.gen_store))
             for meta in store.metadata()
-            if meta.get("unit_key", {}).get("code") == self.code
+            if meta.get("unit_key", {}).get("code") == self.code[unit]
         ]
         return pd.DataFrame(rows)
 
@@ -313,7 +307,7 @@ class Sweep:
         forward_s, logits = timed(lambda: last_token_logits(model, tok, prompts), c.device)
         answers = answer_token_ids(tok, list(self.prompts.answer))
         measures_s, df = timed(
-            lambda: sampling.next_token_measures(ref_logits, logits, c.exact_temperatures, c.exact_top_ks, answers)
+            lambda: measures.next_token_measures(ref_logits, logits, c.exact_temperatures, c.exact_top_ks, answers)
         )
         # a prompt whose logits overflowed (fp16) has no meaningful distribution: NaN, flagged
         finite = torch.isfinite(logits).all(-1).numpy()[df.prompt_index.to_numpy()]
@@ -381,9 +375,9 @@ class Sweep:
                 top_k = unit.top_k if unit.temperature > 0 else 0
                 decoded.setdefault((i, s, unit.temperature, top_k), len(decoded))
         keys = list(decoded)
-        seeds = [sampling.sequence_seed(prompts.id[i], s, c.base_seed) for i, s, _, _ in keys]
+        seeds = [generation.sequence_seed(prompts.id[i], s, c.base_seed) for i, s, _, _ in keys]
         gen_s, gen = timed(
-            lambda: sampling.generate(
+            lambda: generation.generate(
                 model,
                 tok,
                 [prompts.prompt[i] for i, *_ in keys],
@@ -400,7 +394,7 @@ class Sweep:
         ref_s, nll = (
             (0.0, gen.nll)
             if is_ref
-            else timed(lambda: sampling.reference_nll(ref_model, gen.prompt_ids, gen.tokens), c.device)
+            else timed(lambda: generation.reference_nll(ref_model, gen.prompt_ids, gen.tokens), c.device)
         )
         eos = {t for t in [tok.eos_token_id, getattr(tok, "pad_token_id", None)] if t is not None}
         n_jobs = sum(len(self._unit_jobs(u.temperature)) for u in units)
@@ -453,13 +447,14 @@ def batched_vs_loop(
     Both draw every token from the sample's own stream of uniform numbers, so the sequences should
     be identical; ``identical_sequences`` is the share that is (batched logits may differ from a
     one-sequence pass in the last bits, which moves a draw lying next to a token boundary)."""
-    sampling.generate(model, tok, texts[:2], seeds[:2], temperature, 0, 2)  # warm-up
+    generation.generate(model, tok, texts[:2], seeds[:2], temperature, 0, 2)  # warm-up
     batched_s, batched = timed(
-        lambda: sampling.generate(model, tok, texts, seeds, temperature, 0, new_tokens, batch_size)
+        lambda: generation.generate(model, tok, texts, seeds, temperature, 0, new_tokens, batch_size)
     )
     loop_s, looped = timed(
         lambda: [
-            sampling.generate(model, tok, [t], [s], temperature, 0, new_tokens).tokens[0] for t, s in zip(texts, seeds)
+            generation.generate(model, tok, [t], [s], temperature, 0, new_tokens).tokens[0]
+            for t, s in zip(texts, seeds)
         ]
     )
     same = (torch.stack(looped) == batched.tokens).all(1)
@@ -507,8 +502,8 @@ def score_generation(
 
     * ``ref_nll``: mean NLL under the reference (nats per token; its exp is the reference perplexity);
     * ``distinct_1``, ``distinct_2``, ``repetition`` (3-gram), ``loop_tokens`` and ``in_loop``
-      (:func:`helpers.sampling.loop_tokens`; ``in_loop`` is 1.0 when at least
-      ``sampling.LOOP_MIN_TOKENS`` tokens loop);
+      (:func:`helpers.generation.loop_tokens`; ``in_loop`` is 1.0 when at least
+      ``generation.LOOP_MIN_TOKENS`` tokens loop);
     * ``first_word_correct`` (cloze prompts, ``answer`` given; NaN otherwise);
     * against ``ref_tokens``, the reference's generation with the same seed (all NaN when it is
       None): ``diverge_at``, the number of tokens before the first difference (``n`` when the two
@@ -523,27 +518,27 @@ def score_generation(
     longest = max(max_new_tokens)
     rows = []
     for n in max_new_tokens:
-        kept = sampling.truncate_at_eos(tokens[:n], eos_ids)
+        kept = generation.truncate_at_eos(tokens[:n], eos_ids)
         text = decode(kept, skip_special_tokens=True)
-        loop = sampling.loop_tokens(kept)
+        loop = generation.loop_tokens(kept)
         row = {
             "max_new_tokens": n,
             "n_tokens": len(kept),
             "ref_nll": nll[: len(kept)].mean().item() if kept else float("nan"),
-            "distinct_1": sampling.distinct_n(kept, 1),
-            "distinct_2": sampling.distinct_n(kept, 2),
-            "repetition": sampling.repetition_rate(kept, 3),
+            "distinct_1": generation.distinct_n(kept, 1),
+            "distinct_2": generation.distinct_n(kept, 2),
+            "repetition": generation.repetition_rate(kept, 3),
             "loop_tokens": loop,
-            "in_loop": float(loop >= sampling.LOOP_MIN_TOKENS),
+            "in_loop": float(loop >= generation.LOOP_MIN_TOKENS),
             "first_word_correct": (
-                float(sampling.first_word(text) == answer.strip().lower()) if answer is not None else float("nan")
+                float(generation.first_word(text) == answer.strip().lower()) if answer is not None else float("nan")
             ),
         }
         if ref_tokens is not None:
             ended = kept + [-1] * (n - len(kept))  # -1: "the text has ended", never a token id
-            ref_kept = sampling.truncate_at_eos(ref_tokens[:n], eos_ids)
+            ref_kept = generation.truncate_at_eos(ref_tokens[:n], eos_ids)
             ref_ended = ref_kept + [-1] * (n - len(ref_kept))
-            row["diverge_at"] = sampling.diverge_at(ended, ref_ended)
+            row["diverge_at"] = generation.diverge_at(ended, ref_ended)
             row["agree_tokens"] = sum(a == b for a, b in zip(ended, ref_ended)) / n
             row["agree_prefix"] = row["diverge_at"] / n
         else:

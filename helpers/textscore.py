@@ -9,7 +9,7 @@ for every (T, k) at once, what sampling one next word at that setting would do:
 * ``entropy`` of the method's distribution, and ``kl`` / ``tv``: KL(reference || method) and
   total variation from the reference model at the same (T, k).
 
-The per-position values come from :func:`helpers.sampling.next_token_measures` (the true next
+The per-position values come from :func:`helpers.measures.next_token_measures` (the true next
 token plays the cloze answer). They are summed over *blocks* of consecutive positions, which are
 what the paired bootstrap resamples (tokens of one text are not independent; blocks of a few
 dozen tokens are, nearly). Every method sees the same windows and blocks, so differences from
@@ -26,11 +26,7 @@ that shift from a sensitivity curve.
 
 from __future__ import annotations
 
-import ast
-import hashlib
-import inspect
 import math
-import textwrap
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -38,12 +34,12 @@ from typing import Any
 import pandas as pd
 import torch
 
+from . import measures
 from . import methods as registry
-from . import sampling
 from .evaluation import read_text, token_windows
 from .provenance import load_table
 from .runtime import machine_load, timed
-from .store import ResultStore
+from .store import ResultStore, code_digest
 
 SUMMED = ("p_true", "logloss", "entropy", "kl", "tv", "ref_p_true", "ref_logloss")
 
@@ -108,7 +104,7 @@ def block_sums(
     """
     if block < 1:
         raise ValueError(f"block must be a positive number of tokens, got {block}")
-    df = sampling.next_token_measures(ref_logits, logits, temperatures, top_ks, torch.tensor(targets, dtype=torch.long))
+    df = measures.next_token_measures(ref_logits, logits, temperatures, top_ks, torch.tensor(targets, dtype=torch.long))
     df = df.assign(
         p_true=df.p_answer,
         logloss=-df.logp_answer,
@@ -174,34 +170,6 @@ def expected_under(a: torch.Tensor, b: torch.Tensor, chunk: int = 64) -> torch.T
 
 
 # --------------------------------------------------------------------------- the study
-def code_digest(documents: dict[str, str]) -> str:
-    """Hash of the documents and of the code that computes a unit's numbers (sampling.py and the
-    measuring functions here): part of every unit key, so a change recomputes, while changes to
-    how units are scheduled do not."""
-    h = hashlib.sha256("".join(documents.values()).encode())
-    h.update(Path(sampling.__file__).read_bytes())
-    for fn in (
-        text_windows,
-        window_logits,
-        block_sums,
-        _expected_logit,
-        matching_temperature,
-        expected_under,
-        TextStudy._unit,
-    ):
-        h.update(_code_only(fn).encode())
-    return h.hexdigest()[:10]
-
-
-def _code_only(fn) -> str:
-    """A function's syntax tree without its docstring: editing words or layout recomputes nothing."""
-    node = ast.parse(textwrap.dedent(inspect.getsource(fn))).body[0]
-    if node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant):
-        node.body = node.body[1:]
-    node.name = ""  # the digest lists the functions in a fixed order; a rename changes no number
-    return ast.dump(node)
-
-
 @dataclass
 class TextConfig(registry.ComparisonConfig):
     """Every setting that decides the running-text units' numbers (and so their keys)."""
@@ -217,7 +185,7 @@ class TextConfig(registry.ComparisonConfig):
     def validate(self) -> None:
         """Every check that needs no model: fails in one line before any heavy work."""
         super().validate()
-        sampling.validate_grid(list(self.temperatures), list(self.top_ks), [1])
+        measures.validate_grid(list(self.temperatures), list(self.top_ks), [1])
         for name in ("window", "block", "fit_positions"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 2:
@@ -259,7 +227,11 @@ class TextStudy:
         if progress is None:
             from tqdm.auto import tqdm as progress
         self.progress = progress
-        self.code = code_digest(self.documents)
+        # the documents and the code a unit runs (helpers.store.code_digest): scheduling code,
+        # docstrings and generation code are not part of it
+        self.code = code_digest(
+            TextStudy._unit, TextStudy._reference_logits, TextStudy._windows, extra="".join(self.documents.values())
+        )
 
     def key(self, model: str, method: str) -> dict[str, Any]:
         c = self.cfg
@@ -310,7 +282,7 @@ class TextStudy:
         bar = self.progress(total=sum(len(windows_of[m]) for m, _ in todo), desc="running-text windows")
         for model_name, windows in windows_of.items():
             methods = [x for m, x in todo if m == model_name]
-            ref_s, ref_logits = timed(lambda: self._reference_logits(model_name, windows), c.device)
+            ref_s, ref_logits = timed(lambda: self._reference_logits(model_name, windows), c.device)  # noqa: B023 (called at once)
             for method in methods:
                 if self.store.done(self.key(model_name, method)):
                     continue  # finished by another process meanwhile
@@ -335,10 +307,10 @@ class TextStudy:
         forward_s = measures_s = 0.0
         nominal, fit_ref, fit_x, fit_y, first = [], [], [], [], 0
         for w, ref in zip(windows, ref_logits):
-            s, logits = timed(lambda: window_logits(model, w), c.device)
+            s, logits = timed(lambda: window_logits(model, w), c.device)  # noqa: B023 (called at once)
             forward_s += s
             targets = w.ids[1:]
-            s, sums = timed(lambda: block_sums(ref, logits, targets, list(c.temperatures), list(c.top_ks), c.block))
+            s, sums = timed(lambda: block_sums(ref, logits, targets, list(c.temperatures), list(c.top_ks), c.block))  # noqa: B023 (called at once)
             measures_s += s
             nominal.append(sums.assign(doc=w.doc, window=w.index))
             picked = [i for i in range(len(targets)) if (first + i) % stride == 0]

@@ -28,21 +28,30 @@
 from __future__ import annotations
 
 import hashlib
-import inspect
 import re
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from .memory import (
+    bytes_per_token,
+    kv_cache_bytes,
+    memory_breakdown,
+    peak_memory,
+    release_memory,
+    reset_peak_memory,
+    rss_mib,
+)
 from .provenance import device_description, load_table
 from .runtime import hardware_class, machine_load, resolve_device, synchronize, timed
-from .store import ResultStore
+from .store import ResultStore, code_digest
 
 
 class StepClock(StoppingCriteria):
@@ -183,177 +192,6 @@ def harness_check(
     return pd.DataFrame(rows)
 
 
-# --------------------------------------------------------------------------- memory
-_STATUS = Path("/proc/self/status")
-_CLEAR_REFS = Path("/proc/self/clear_refs")
-RESET_SLACK_MIB = 8.0  # after a reset the high-water mark equals the resident size, give or take this
-_peak_window = False  # whether VmHWM has counted from a reset that took (see reset_peak_rss)
-
-
-def _status_mib(field: str) -> float | None:
-    """A ``kB`` field of ``/proc/self/status`` in MiB; None where there is no such file or field."""
-    try:
-        for line in _STATUS.read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's resident-memory high-water mark and check that the reset took.
-
-    Writing ``5`` to ``/proc/self/clear_refs`` sets ``VmHWM`` to the current ``VmRSS`` (Linux).
-    Some kernels and sandboxes refuse the write, and some accept it and do nothing; ``VmHWM``
-    then stays the lifetime peak, and a "peak while loading and generating" read from it would
-    be wrong. Returns True only if ``VmHWM`` is back near ``VmRSS`` afterwards; otherwise
-    :func:`peak_memory` reports NaN until a later reset succeeds.
-    """
-    global _peak_window
-    try:
-        _CLEAR_REFS.write_text("5")
-    except OSError:
-        _peak_window = False
-        return False
-    hwm, rss = _status_mib("VmHWM"), _status_mib("VmRSS")
-    _peak_window = hwm is not None and rss is not None and hwm - rss <= RESET_SLACK_MIB
-    return _peak_window
-
-
-def rss_mib(field: str = "VmRSS") -> float:
-    """Current (``VmRSS``) or peak (``VmHWM``: since the last reset, or over the process's life
-    where resets do not work, see :func:`reset_peak_rss`) resident memory, MiB."""
-    value = _status_mib(field)
-    if value is not None:
-        return value
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # fallback: lifetime peak
-
-
-def reset_peak_memory(device: str) -> bool:
-    """Start a new peak-memory window on ``device`` (CUDA counters, or RSS on CPU).
-
-    False where the CPU high-water mark cannot be reset (then the CPU peak is NaN)."""
-    if device.startswith("cuda"):
-        synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        return True
-    return reset_peak_rss()
-
-
-def peak_memory(device: str) -> dict[str, float]:
-    """Peak memory since :func:`reset_peak_memory`, MiB, under the names the plots use.
-
-    On CPU, NaN if the last reset did not take: a lifetime peak is not what the plots mean."""
-    if device.startswith("cuda"):
-        synchronize(device)
-        return {
-            "max_memory_allocated_MiB": torch.cuda.max_memory_allocated(device) / 2**20,
-            "max_memory_reserved_MiB": torch.cuda.max_memory_reserved(device) / 2**20,
-        }
-    return {"peak_rss_MiB": rss_mib("VmHWM") if _peak_window else float("nan")}
-
-
-# --------------------------------------------------------------------------- roofline
-def memory_bandwidth(size_mib: int = 256, repeats: int = 5, device: str = "cpu") -> dict[str, float]:
-    """Measured memory bandwidth, GB/s (1e9 bytes): the best of ``repeats``.
-
-    *read*: ``x.sum()`` reads every byte once (what decoding does to the weights);
-    *copy*: ``y.copy_(x)`` reads and writes (counted as 2 bytes moved per byte).
-    Use arrays much larger than the last-level cache.
-    """
-    n = size_mib * 2**20 // 4
-    x = torch.ones(n, dtype=torch.float32, device=device)
-    y = torch.empty_like(x)
-    best = {"read_GBps": 0.0, "copy_GBps": 0.0}
-    for _ in range(repeats + 1):  # the first round is warm-up (page faults)
-        read_s, _ = timed(x.sum, device)
-        copy_s, _ = timed(lambda: y.copy_(x), device)
-        best["read_GBps"] = max(best["read_GBps"], x.nbytes / read_s / 1e9)
-        best["copy_GBps"] = max(best["copy_GBps"], 2 * x.nbytes / copy_s / 1e9)
-    return best
-
-
-def kv_cache_bytes(config, context_tokens: int, bytes_per_value: int) -> int:
-    """Bytes of keys and values of ``context_tokens`` positions for one sequence."""
-    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return 2 * cfg.num_hidden_layers * heads * head_dim * context_tokens * bytes_per_value
-
-
-def bytes_per_token(weight_bytes: int, input_embedding_bytes: int, tied_embeddings: bool, kv_bytes: int) -> int:
-    """Bytes read from memory to decode one token at batch 1.
-
-    Every weight is read once per step (quantized payload + its quantization state + the
-    layers left unquantized), except the input embedding table, of which a lookup reads one
-    row, unless it is tied to the output head, which reads all of it. Plus the KV cache.
-    """
-    if min(weight_bytes, input_embedding_bytes, kv_bytes) < 0 or input_embedding_bytes > weight_bytes:
-        raise ValueError("byte counts must be >= 0 and the embedding part of the weights")
-    return weight_bytes - (0 if tied_embeddings else input_embedding_bytes) + kv_bytes
-
-
-def memory_breakdown(model) -> dict[str, Any]:
-    """What ``model`` holds, in the parts the memory figure stacks, MiB (count before the first
-    forward: some bitsandbytes CPU kernels repack weights then).
-
-    ``linear_MiB``: linear layers of the blocks (packed int8/4-bit codes, or float weights);
-    ``quant_state_MiB``: their absmax / ``SCB`` / nested statistics; ``embedding_MiB``: the token
-    embedding, plus the output head when it is not tied to it (both stay unquantized);
-    ``other_MiB``: norms, biases and buffers such as rotary tables. ``weights_MiB`` is everything
-    but the quantization state, ``hf_footprint_MiB`` what ``get_memory_footprint()`` reports.
-    """
-    import bitsandbytes as bnb
-
-    from .quantization import storage_report
-
-    def nbytes(t: torch.Tensor) -> int:
-        return t.numel() * t.element_size()
-
-    report = storage_report(model)
-    emb = model.get_input_embeddings().weight
-    head_module = model.get_output_embeddings()
-    head = head_module.weight if head_module is not None else None
-    tied = head is not None and head.data_ptr() == emb.data_ptr()
-    embedding = nbytes(emb) + (nbytes(head) if head is not None and not tied else 0)
-    float_linear = sum(
-        nbytes(m.weight)
-        for m in model.modules()
-        if isinstance(m, torch.nn.Linear)
-        and m is not head_module
-        and not isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
-    )
-    mib = 2**20
-    return {
-        "linear_MiB": (report.quantized_payload_bytes + float_linear) / mib,
-        "quant_state_MiB": report.quant_state_bytes / mib,
-        "embedding_MiB": embedding / mib,
-        "other_MiB": (report.other_bytes - embedding - float_linear) / mib,
-        "weights_MiB": (report.quantized_payload_bytes + report.other_bytes) / mib,
-        "total_MiB": report.total_bytes / mib,
-        "hf_footprint_MiB": model.get_memory_footprint() / mib,
-        "tied_embeddings": tied,
-    }
-
-
-def release_memory(device: str = "cpu") -> None:
-    """Return freed memory to the operating system after a model is deleted, so the next
-    model's resident-memory reading does not start from the previous one's leftovers."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc: readings then include the allocator's cache
-
-
 # --------------------------------------------------------------------------- resumable timed units
 @dataclass
 class SpeedConfig:
@@ -430,15 +268,17 @@ class SpeedBenchmark:
         machine = device_description(cfg.device)
         self.device_name = machine.get("gpu", machine.get("cpu"))
         self.store = ResultStore(Path(folder) / self.hardware, self.LABEL_FIELDS)
+        from . import methods as registry
+
         if load is None:
-            from . import methods as registry
 
             def load(model: str, method: str):
                 return registry.load(model, method, cfg.device, cfg.compute_dtype)
 
         self.load = load
         self.progress = progress
-        self.code = code_digest()
+        # the code a timed unit runs (helpers.store.code_digest), the default loader included
+        self.code = code_digest(SpeedBenchmark._measure, registry.load)
         self._prompt_digest = hashlib.sha256(prompt_text.encode()).hexdigest()[:10]
 
     def key(self, model: str, method: str, batch: int) -> dict[str, Any]:
@@ -520,7 +360,7 @@ class SpeedBenchmark:
         )
         for batch in batches:
             inputs = prompt_inputs(tok, self.prompt_text, c.prompt_tokens, batch, device)
-            runs = repeat(lambda: timed_generate(model, inputs, tok, c.new_tokens, device), c.repeats, c.warmup)
+            runs = repeat(lambda: timed_generate(model, inputs, tok, c.new_tokens, device), c.repeats, c.warmup)  # noqa: B023 (called at once)
             rows = []
             for i, (t, load) in enumerate(runs):
                 row = {
@@ -547,60 +387,6 @@ class SpeedBenchmark:
                 bar.update(1)
         model = None  # the last reference (the closures above hold the name, not the model)
         release_memory(device)
-
-
-def add_memory_breakdown(runs: pd.DataFrame, load: Callable[[str, str], tuple[Any, Any]]) -> pd.DataFrame:
-    """``runs`` with the :func:`memory_breakdown` columns, counted on each (model, method) loaded
-    again by ``load(model, method)``, timing nothing: for runs stored before those columns were.
-    Raises if a count differs from the stored ``weights_MiB`` or ``quant_state_MiB`` (the loaded
-    models would then not be the ones that were timed)."""
-    rows = []
-    for (model_name, method), g in runs.groupby(["model", "method"], sort=False):
-        model, _ = load(model_name, method)
-        parts = memory_breakdown(model)
-        del model
-        release_memory()
-        for col in ("weights_MiB", "quant_state_MiB"):
-            if abs(parts[col] - g[col].iloc[0]) > 0.01:
-                raise ValueError(
-                    f"{model_name} {method}: {col} counted {parts[col]:.2f} MiB, stored {g[col].iloc[0]:.2f}"
-                )
-        rows.append(
-            {
-                "model": model_name,
-                "method": method,
-                **{k: parts[k] for k in ("linear_MiB", "embedding_MiB", "other_MiB", "total_MiB")},
-            }
-        )
-    return runs.merge(pd.DataFrame(rows), on=["model", "method"], how="left")
-
-
-def code_digest() -> str:
-    """Hash of the code that produces a timed unit's rows: the measuring functions and classes
-    of this module and :func:`helpers.quantization.storage_report`. It is part of every unit
-    key, so timings of older measuring code are not reused (other edits here do not count)."""
-    from .quantization import storage_report
-
-    h = hashlib.sha256()
-    for obj in (
-        StepClock,
-        GenerationTiming,
-        fixed_length_kwargs,
-        timed_generate,
-        repeat,
-        prompt_inputs,
-        reset_peak_rss,
-        rss_mib,
-        peak_memory,
-        kv_cache_bytes,
-        bytes_per_token,
-        memory_breakdown,
-        release_memory,
-        SpeedBenchmark,
-        storage_report,
-    ):
-        h.update(inspect.getsource(obj).encode())
-    return h.hexdigest()[:10]
 
 
 # --------------------------------------------------------------------------- summary
@@ -786,7 +572,7 @@ def side_by_side(verdicts: pd.DataFrame, reference: pd.DataFrame | None = None) 
 
 
 # --------------------------------------------------------------------------- hardware classes side by side
-_CLASS_NAME = re.compile(r"[a-z]+-[a-z0-9]+")
+_CLASS_NAME = re.compile(r"[a-z]+(-[a-z0-9]+)+")  # cpu-avx2-amd-epyc, cuda-h100
 
 
 def class_tables(folder: str | Path, notebook: str, table: str) -> dict[str, Path]:

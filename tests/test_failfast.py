@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from nbfactory import write_notebook
+
 from helpers import methods, models, runner
 
 LLAMA = "meta-llama/Llama-2-7b-hf"
@@ -124,6 +124,15 @@ def test_unreachable_hub_fails_fast(monkeypatch, empty_hub_cache, no_loading):
         r"hf download meta-llama/Llama-2-7b-hf.*HF_HUB_OFFLINE=1",
     )
     assert seconds < 10
+
+
+def test_load_of_an_unreachable_hub_id_fails_in_seconds(monkeypatch, empty_hub_cache):
+    """helpers.methods.load gives the runner's answer, not transformers' ~45 s of retries."""
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    start = time.perf_counter()
+    with pytest.raises(models.ModelUnavailableError, match="cannot be reached .* not in the local cache"):
+        methods.load(LLAMA, "nf4")
+    assert time.perf_counter() - start < 10
 
 
 def test_hub_that_never_answers_is_given_up_after_the_timeout(monkeypatch, empty_hub_cache):

@@ -9,10 +9,15 @@ from helpers import provenance, runtime
 
 CPUINFO = """processor\t: 0
 vendor_id\t: GenuineIntel
+cpu family\t: 6
+model\t\t: 143
 model name\t: Test CPU @ 2.00GHz
 flags\t\t: fpu sse sse2 {flags}
 
 processor\t: 1
+vendor_id\t: GenuineIntel
+cpu family\t: 6
+model\t\t: 143
 model name\t: Test CPU @ 2.00GHz
 flags\t\t: fpu sse sse2 {flags}
 """
@@ -21,11 +26,11 @@ flags\t\t: fpu sse sse2 {flags}
 @pytest.mark.parametrize(
     "flags, expected",
     [
-        ("avx avx2 fma avx512f avx512bw avx512_vnni avx512_bf16 amx_bf16", "cpu-avx512bf16"),
-        ("avx avx2 fma avx512f avx512bw avx512_vnni", "cpu-avx512"),
-        ("avx avx2 fma", "cpu-avx2"),
-        ("avx", "cpu-generic"),
-        ("", "cpu-generic"),
+        ("avx avx2 fma avx512f avx512bw avx512_vnni avx512_bf16 amx_bf16", "cpu-avx512bf16-intel-sapphirerapids"),
+        ("avx avx2 fma avx512f avx512bw avx512_vnni", "cpu-avx512-intel-sapphirerapids"),
+        ("avx avx2 fma", "cpu-avx2-intel-sapphirerapids"),
+        ("avx", "cpu-generic-intel-sapphirerapids"),
+        ("", "cpu-generic-intel-sapphirerapids"),
     ],
 )
 def test_cpu_class_from_cpuinfo(tmp_path, flags, expected):
@@ -34,11 +39,30 @@ def test_cpu_class_from_cpuinfo(tmp_path, flags, expected):
     assert runtime.hardware_class("cpu", cpuinfo=cpuinfo) == expected
     desc = runtime.cpu_description(cpuinfo)
     assert desc["cpu"] == "Test CPU @ 2.00GHz"
+    assert (desc["cpu_vendor"], desc["cpu_family"], desc["cpu_model"]) == ("GenuineIntel", 6, 143)
     assert set(desc["cpu_flags"]) == set(flags.split()) & set(runtime.SIMD_FLAGS)
 
 
 def test_unreadable_cpuinfo_is_generic(tmp_path):
-    assert runtime.hardware_class("cpu", cpuinfo=tmp_path / "absent") == "cpu-generic"
+    assert runtime.hardware_class("cpu", cpuinfo=tmp_path / "absent").startswith("cpu-generic-")
+
+
+@pytest.mark.parametrize(
+    "vendor, family, model, name, expected",
+    [
+        ("AuthenticAMD", 25, 17, "AMD EPYC", "amd-zen4"),  # Genoa
+        ("AuthenticAMD", 25, 1, "AMD EPYC 7763 64-Core Processor", "amd-zen3"),  # Milan
+        ("AuthenticAMD", 26, 2, "AMD EPYC", "amd-zen5"),  # Turin
+        ("AuthenticAMD", 23, 49, "AMD EPYC 7B12", "amd-zen2"),  # Rome
+        ("GenuineIntel", 6, 143, "Intel(R) Xeon(R) Platinum 8480+", "intel-sapphirerapids"),
+        ("GenuineIntel", 6, 85, "Intel(R) Xeon(R) CPU @ 2.20GHz", "intel-skylake"),
+        ("GenuineIntel", 6, 150, "Intel(R) Xeon(R) Processor", "intel-f6m150"),  # not in the table: its numbers
+        ("", None, None, "Intel(R) Xeon(R) Processor", "intel-xeon"),  # no numbers: the product line
+        ("", None, None, "AMD EPYC", "amd-epyc"),
+    ],
+)
+def test_cpu_family_names_the_vendor_and_microarchitecture(vendor, family, model, name, expected):
+    assert runtime.cpu_family_name(vendor, family, model, name) == expected
 
 
 @pytest.mark.parametrize(

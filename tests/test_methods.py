@@ -109,3 +109,21 @@ def test_every_method_shares_one_tokenizer_per_model(loaded):
     _, tok_nf4 = loaded("nf4")
     assert tok_fp32 is tok_nf4 is methods.load_tokenizer("smollm2-135m")
     assert tok_fp32.pad_token is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.models
+def test_cuda_methods_predict_like_the_cpu_reference(loaded):
+    """On a GPU, bf16 and nf4 (bf16 compute) give next-token distributions close to fp32 on CPU."""
+    from helpers import measures
+
+    ref, tok = loaded("fp32")
+    ids = tok("The capital of France is", return_tensors="pt")
+    with torch.inference_mode():
+        expected = ref(**ids).logits[:, -1].float()
+        for method, bound in (("bf16", 0.05), ("nf4", 0.5)):
+            model, _ = methods.load("smollm2-135m", method, device="cuda")
+            got = model(**{k: v.cuda() for k, v in ids.items()}).logits[:, -1].float().cpu()
+            kl = measures.next_token_measures(expected, got, [1.0], [0]).kl
+            assert (kl < bound).all(), (method, kl.tolist())
+            del model

@@ -1,7 +1,6 @@
 """Outlier statistics (helpers.outliers) on hand-built activations."""
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
@@ -181,30 +180,3 @@ def test_int8_outlier_columns_are_chosen_over_the_whole_batch():
         # with the decomposition, column 5 of the quiet row moves to the 16-bit matmul because of
         # the other row; without it every row is quantized on its own
         assert (change > 1e-3) if coupled else (change < 1e-5), (threshold, change)
-
-
-@pytest.mark.models
-def test_batch_dependence_is_rounding_only_in_fp32(loaded):
-    model, tok = loaded("fp32")
-    prompts = ["The capital of France is", "Once upon a time, a small dog", "1, 2, 3,"]
-    got = outliers.batch_dependence(model, tok, prompts, copies=3)
-    assert got["prompts"] == 3
-    for view in outliers.BATCH_VIEWS:
-        assert 0 <= got[f"{view}_median_change"] <= got[f"{view}_max_change"] < 1e-3
-        assert got[f"{view}_greedy_changed"] == 0.0
-    single = outliers.batch_dependence(model, tok, prompts[:1], copies=1)
-    assert all(single[f"{v}_max_change"] == 0.0 for v in outliers.BATCH_VIEWS)  # the same call each time
-
-
-def test_batch_dependent_flags_changes_above_rounding():
-    table = pd.DataFrame(
-        {
-            "padded_max_change": [1e-5, 1e-5, 1e-5, float("nan")],
-            "copies_max_change": [3e-5, 1e-5, 0.05, 1e-5],
-            "mixed_max_change": [2e-5, 0.2, 1e-4, 1e-5],
-        }
-    )
-    got = outliers.batch_dependent(table)
-    assert got.dependent.tolist() == [False, True, True, True]  # NaN: not known to be rounding
-    assert got.max_change.tolist()[:3] == [3e-5, 0.2, 0.05]
-    assert outliers.batch_dependent(table, tolerance=0.1).dependent.tolist() == [False, True, False, True]

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import csv
+import gzip
 import json
 import subprocess
 
@@ -32,6 +34,29 @@ def test_save_and_load_roundtrip(tmp_path):
     assert meta["packages"]["bitsandbytes"] == "0.50.2"
     assert meta["threads"]["torch_num_threads"] >= 1
     assert not list((tmp_path / "sub").glob("*.tmp"))  # written atomically
+
+
+@pytest.mark.parametrize("name", ["t.csv", "t.csv.gz"])
+def test_text_with_line_breaks_and_quotes_reads_back_with_plain_readers(tmp_path, name):
+    """Generated text can hold a bare carriage return, CRLF or a lone quote: plain pandas and
+    Python's csv module must read the table back unchanged (no split rows, no shifted columns)."""
+    df = pd.DataFrame(
+        {
+            "text": ["bare\rreturn", "crlf\r\nline", 'lone " quote', "new\nline", "plain"],
+            "n": [1, 2, 3, 4, 5],
+            "x": [0.5, float("nan"), 1e-9, -2.0, 3.25],
+            "ok": [True, False, True, True, False],
+        }
+    )
+    path = save_table(df, tmp_path / name)
+    assert pd.read_csv(path).equals(df)
+    assert load_table(path)[0].equals(df)
+    opener = gzip.open if name.endswith(".gz") else open
+    with opener(path, "rt", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == list(df.columns) and len(rows) == len(df) + 1
+    assert [r[0] for r in rows[1:]] == df.text.tolist()
+    assert [float(r[2]) if r[2] else None for r in rows[1:]][2] == 1e-9
 
 
 def test_missing_sidecar_is_an_error(tmp_path):

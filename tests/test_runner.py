@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import nbformat
 import pytest
+from nbfactory import write_notebook
 
 from helpers import runner
-from nbfactory import write_notebook
 
 
 def test_unknown_parameter_is_named(tmp_path):
@@ -33,6 +33,8 @@ def test_source_hash_ignores_outputs_and_injected_cells(tmp_path):
     nb.cells[1].outputs = [nbformat.v4.new_output("stream", text="1\n")]
     nb.cells.insert(1, nbformat.v4.new_code_cell("x = 2", metadata={"tags": ["injected-parameters"]}))
     assert runner.source_hash(dict(nb)) == h
+    nb.cells.append(nbformat.v4.new_markdown_cell("A typo fixed in the prose."))
+    assert runner.source_hash(dict(nb)) == h  # markdown: no rerun needed
     nb.cells[2].source = "print(x + 1)"
     assert runner.source_hash(dict(nb)) != h
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -313,7 +313,7 @@ def _check_05():
 @checks("06_bits_vs_quality")
 def _check_06():
     bits, meta = table("06_bits_vs_quality_bits.csv")
-    for model, m in bits.groupby("model"):
+    for _model, m in bits.groupby("model"):
         b = m.set_index("method")
         assert b.loc["nf4", "bits_deployed"] < b.loc["int8", "bits_deployed"] < b.loc["fp32", "bits_deployed"]
         assert b.loc["fp32", "bits_as_measured"] == pytest.approx(32 * b.loc["fp32", "params"], rel=1e-3)

@@ -12,7 +12,8 @@ import time
 import pandas as pd
 import pytest
 
-from helpers.store import ResultStore
+from helpers import generation, measures, methods, sweep, textscore, timing
+from helpers.store import ResultStore, code_closure, code_digest
 
 SWEEP = textwrap.dedent("""
     import sys, time, pandas as pd
@@ -71,3 +72,56 @@ def test_resume_after_sigkill(tmp_path):
     assert out.count("wrote") == 12 - len(finished_before)  # finished units were not redone
     for name, mtime in finished_before.items():
         assert (folder / name).stat().st_mtime_ns == mtime
+
+
+PROBE = """
+SCALE = 2
+
+
+def helper(x):
+    \"\"\"{doc}\"\"\"
+    return x * SCALE{tweak}
+
+
+def unit(x):
+    \"\"\"The entry point.\"\"\"
+    return helper(x) + 1
+"""
+
+
+def _probe(tmp_path, name: str, doc: str = "Words.", tweak: str = ""):
+    """A throwaway module of the helpers package, so that code_digest follows it."""
+    import importlib.util
+
+    path = tmp_path / f"{name}.py"
+    path.write_text(PROBE.format(doc=doc, tweak=tweak))
+    spec = importlib.util.spec_from_file_location(f"helpers.{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_code_digest_ignores_docstrings_but_follows_the_code_a_unit_reaches(tmp_path):
+    base = code_digest(_probe(tmp_path, "_probe_a").unit)
+    assert code_digest(_probe(tmp_path, "_probe_a", doc="Other words, same code.").unit) == base
+    # a change in a function the entry point calls, not in the entry point itself
+    assert code_digest(_probe(tmp_path, "_probe_a", tweak=" + 0").unit) != base
+    reached = code_closure(_probe(tmp_path, "_probe_a").unit)
+    assert set(reached) == {"helpers._probe_a:unit", "helpers._probe_a:helper", "helpers._probe_a:SCALE"}
+    assert code_digest(_probe(tmp_path, "_probe_a").unit, extra="other documents") != base
+
+
+def test_running_text_units_do_not_hash_generation_code():
+    """Editing generation code (or any docstring) leaves notebook 04's stored units valid."""
+    text = code_closure(textscore.TextStudy._unit, textscore.TextStudy._reference_logits, textscore.TextStudy._windows)
+    assert "helpers.measures:next_token_measures" in text and "helpers.textscore:matching_temperature" in text
+    assert not [label for label in text if label.startswith("helpers.generation:")]
+    exact = code_closure(sweep.Sweep._exact, sweep.last_token_logits)
+    gen = code_closure(sweep.Sweep._generations)
+    assert "helpers.generation:generate" in gen and "helpers.generation:generate" not in exact
+    assert "helpers.measures:next_token_measures" in exact and "helpers.measures:next_token_measures" not in gen
+    timed = code_closure(timing.SpeedBenchmark._measure, methods.load)
+    assert "helpers.quantization:storage_report" in timed  # imported inside memory_breakdown
+    assert "helpers.timing:_peak_window" not in timed  # lower-case module state is not code
+    assert generation.generate.__module__ == "helpers.generation" and measures.MEASURES

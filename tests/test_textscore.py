@@ -196,18 +196,3 @@ def test_paired_differences_match_slots_and_average_per_prompt():
     ci = analysis.mean_ci_by(diff, ["method"], "diff", n_boot=50)
     assert ci["mean"].iloc[0] == pytest.approx(0.5) and ci.low.iloc[0] == pytest.approx(0.5)
     assert ci.prompts.iloc[0] == 2
-
-
-def test_unit_keys_ignore_docstrings_but_not_code():
-    def f(x):
-        """Words."""
-        return x + 1
-
-    def g(x):
-        """Other words, same code."""
-        return x + 1
-
-    def h(x):
-        return x + 2
-
-    assert textscore._code_only(f) == textscore._code_only(g) != textscore._code_only(h)

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import timing
+from helpers import memory, timing
 from helpers.provenance import save_table
 
 
@@ -53,40 +53,40 @@ def _allocate_and_free(mib: int = 64) -> None:
 
 
 def test_peak_rss_sees_a_synthetic_allocation_and_can_be_reset():
-    if not timing.reset_peak_rss():  # kernels and sandboxes without a working clear_refs
+    if not memory.reset_peak_rss():  # kernels and sandboxes without a working clear_refs
         _allocate_and_free()
-        assert math.isnan(timing.peak_memory("cpu")["peak_rss_MiB"])
+        assert math.isnan(memory.peak_memory("cpu")["peak_rss_MiB"])
         pytest.skip("this kernel cannot reset the peak RSS; the NaN path was checked instead")
-    before = timing.rss_mib("VmHWM")
+    before = memory.rss_mib("VmHWM")
     x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
     x += 1
-    peak = timing.peak_memory("cpu")["peak_rss_MiB"]
+    peak = memory.peak_memory("cpu")["peak_rss_MiB"]
     assert peak - before > 50
     del x
-    assert timing.reset_peak_rss()  # the high-water mark falls back to the current RSS
-    assert timing.rss_mib("VmHWM") < peak - 50
+    assert memory.reset_peak_rss()  # the high-water mark falls back to the current RSS
+    assert memory.rss_mib("VmHWM") < peak - 50
 
 
 @pytest.mark.parametrize("refuses", [True, False])
 def test_a_peak_rss_reset_that_does_not_take_gives_nan_not_the_lifetime_peak(tmp_path, monkeypatch, refuses):
     # a sandbox either refuses the write (no such file) or accepts it and does nothing (a plain file)
     fake = tmp_path / "missing" / "clear_refs" if refuses else tmp_path / "clear_refs"
-    monkeypatch.setattr(timing, "_CLEAR_REFS", fake)
+    monkeypatch.setattr(memory, "_CLEAR_REFS", fake)
     _allocate_and_free()  # now VmHWM is at least 64 MiB above VmRSS
-    if timing.rss_mib("VmHWM") - timing.rss_mib("VmRSS") <= timing.RESET_SLACK_MIB:
+    if memory.rss_mib("VmHWM") - memory.rss_mib("VmRSS") <= memory.RESET_SLACK_MIB:
         pytest.skip("no /proc/self/status high-water mark on this system")
-    assert timing.reset_peak_memory("cpu") is False
-    assert math.isnan(timing.peak_memory("cpu")["peak_rss_MiB"])
+    assert memory.reset_peak_memory("cpu") is False
+    assert math.isnan(memory.peak_memory("cpu")["peak_rss_MiB"])
 
 
 def test_bandwidth_is_positive_and_bytes_per_token_by_hand():
-    bw = timing.memory_bandwidth(size_mib=16, repeats=1)
+    bw = memory.memory_bandwidth(size_mib=16, repeats=1)
     assert bw["read_GBps"] > 0 and bw["copy_GBps"] > 0
     # tied: the output head reads the whole table; untied: one embedding row is negligible
-    assert timing.bytes_per_token(1000, 300, tied_embeddings=True, kv_bytes=10) == 1010
-    assert timing.bytes_per_token(1000, 300, tied_embeddings=False, kv_bytes=10) == 710
+    assert memory.bytes_per_token(1000, 300, tied_embeddings=True, kv_bytes=10) == 1010
+    assert memory.bytes_per_token(1000, 300, tied_embeddings=False, kv_bytes=10) == 710
     with pytest.raises(ValueError):
-        timing.bytes_per_token(100, 300, tied_embeddings=False, kv_bytes=0)
+        memory.bytes_per_token(100, 300, tied_embeddings=False, kv_bytes=0)
 
 
 class _Cfg:
@@ -95,7 +95,7 @@ class _Cfg:
 
 def test_kv_cache_bytes_by_hand():
     # 2 (K and V) x 2 layers x 2 kv heads x 16 dims x 10 tokens x 2 bytes
-    assert timing.kv_cache_bytes(_Cfg(), 10, 2) == 2 * 2 * 2 * 16 * 10 * 2
+    assert memory.kv_cache_bytes(_Cfg(), 10, 2) == 2 * 2 * 2 * 16 * 10 * 2
 
 
 @pytest.mark.models
@@ -154,9 +154,9 @@ def test_cuda_branch_synchronizes_before_every_clock_reading(monkeypatch):
 
 def test_cuda_branch_memory_counters_are_reset_synchronized_and_named(monkeypatch):
     rec = _CudaRecorder(monkeypatch)
-    assert timing.reset_peak_memory("cuda:0") is True
+    assert memory.reset_peak_memory("cuda:0") is True
     assert rec.events == ["sync", "reset"]
-    assert timing.peak_memory("cuda:0") == {"max_memory_allocated_MiB": 3.0, "max_memory_reserved_MiB": 4.0}
+    assert memory.peak_memory("cuda:0") == {"max_memory_allocated_MiB": 3.0, "max_memory_reserved_MiB": 4.0}
     assert rec.events[-1] == "sync"
 
 
@@ -354,7 +354,7 @@ def _tiny_model(tied: bool = True):
 @pytest.mark.parametrize("tied", [True, False])
 def test_memory_breakdown_parts_add_up(tied):
     model = _tiny_model(tied)
-    parts = timing.memory_breakdown(model)
+    parts = memory.memory_breakdown(model)
     mib = 2**20
     assert parts["tied_embeddings"] is tied
     assert parts["embedding_MiB"] * mib == 64 * 16 * 4 * (1 if tied else 2)  # the output head counts when untied
@@ -445,7 +445,7 @@ def test_prompt_inputs_and_harness_check():
 def test_recounted_memory_must_match_the_stored_runs():
     runs = pd.DataFrame({"model": ["tiny"], "method": ["fp32"], "weights_MiB": [0.0], "quant_state_MiB": [0.0]})
     with pytest.raises(ValueError, match="weights_MiB counted"):
-        timing.add_memory_breakdown(runs, lambda m, x: (_tiny_model(), None))
-    runs["weights_MiB"] = timing.memory_breakdown(_tiny_model())["weights_MiB"]
-    out = timing.add_memory_breakdown(runs, lambda m, x: (_tiny_model(), None))
+        memory.add_memory_breakdown(runs, lambda m, x: (_tiny_model(), None))
+    runs["weights_MiB"] = memory.memory_breakdown(_tiny_model())["weights_MiB"]
+    out = memory.add_memory_breakdown(runs, lambda m, x: (_tiny_model(), None))
     assert out.embedding_MiB.iloc[0] * 2**20 == 64 * 16 * 4
