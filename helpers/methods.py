@@ -46,7 +46,7 @@ from typing import Literal
 
 import torch
 
-from .models import check_available, hub_local_only, model_kind, resolve
+from .models import check_available, hub_local_only, resolve
 from .runtime import resolve_device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -244,7 +244,7 @@ def load_tokenizer(model: str):
     Nothing in the compendium modifies a tokenizer after its pad token is set here. A Hub id is
     checked first (:func:`helpers.models.hub_local_only`), as in :func:`load`.
     """
-    return _tokenizer(str(resolve(model)), model_kind(model) == "hub" and hub_local_only(model))
+    return _tokenizer(str(resolve(model)), hub_local_only(model))
 
 
 @functools.lru_cache(maxsize=8)
@@ -315,7 +315,7 @@ def load(
     dtype = compute_dtype_for(spec, device, compute_dtype)
     placement = _placement(spec, device, device_map, max_memory, offload_folder, offload_unquantized)
     path = resolve(model)
-    local_only = model_kind(model) == "hub" and hub_local_only(model)
+    local_only = hub_local_only(model)
     tokenizer = _tokenizer(str(path), local_only)  # shared with load_tokenizer
     try:
         net = AutoModelForCausalLM.from_pretrained(

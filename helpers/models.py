@@ -368,14 +368,17 @@ def _check_embedded(name: str) -> None:
             raise ModelUnavailableError(f"{name} is not prepared and {_missing_package_message(name)}") from None
 
 
-def hub_local_only(repo_id: str, timeout_s: float = 5.0) -> bool:
-    """Check a Hub id as :func:`check_available` does (raising :class:`ModelUnavailableError` in
-    seconds where it cannot be loaded) and return whether it must be loaded from the local cache
-    only: True when ``HF_HUB_OFFLINE`` is set or the Hub cannot be reached, so that loading does not
-    spend ~45 s on retries first."""
+def hub_local_only(name: str, timeout_s: float = 5.0) -> bool:
+    """Whether model ``name`` must be loaded from the local Hugging Face cache only: True for a Hub
+    id when ``HF_HUB_OFFLINE`` is set or the Hub cannot be reached, so that loading does not spend
+    ~45 s on retries first; False for an embedded name or a folder. A Hub id is checked as
+    :func:`check_available` does, raising :class:`ModelUnavailableError` in seconds where it
+    cannot be loaded."""
+    if model_kind(name) != "hub":
+        return False
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the advice to set HF_HUB_OFFLINE: loading follows it here
-        return hub_offline() or _check_hub(repo_id, timeout_s, None) is not None
+        return hub_offline() or _check_hub(name, timeout_s, None) is not None
 
 
 def hub_cache_dir() -> Path:

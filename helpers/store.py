@@ -86,7 +86,7 @@ def _reached(obj: Any, node: ast.AST) -> list[tuple[str, Any]]:
     owner = obj if inspect.isclass(obj) else _owner(obj)
     found = []
     for n in ast.walk(node):
-        if isinstance(n, ast.ImportFrom) and n.level and obj.__module__.split(".")[0] == PACKAGE:
+        if isinstance(n, ast.ImportFrom) and n.level:
             # an import inside a function: `from .quantization import storage_report`
             base = importlib.import_module("." * n.level + (n.module or ""), package=module.__package__)
             found += [(f"{base.__name__}:{a.name}", getattr(base, a.name, None)) for a in n.names]
