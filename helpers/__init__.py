@@ -9,7 +9,8 @@ One module per concern, one line each; notebooks import what they need:
 - :mod:`helpers.measures`      exact next-token measures over (T, top-k) and their CPU kernel
 - :mod:`helpers.generation`    seeded batched generation, quality of generations, the batch check
 - :mod:`helpers.sweep`         the sampling sweep of notebook 02, cut into resumable units
-- :mod:`helpers.textscore`     next-word prediction on running text, effective temperature (notebook 04)
+- :mod:`helpers.textscore`     next-word prediction on running text, its units and controls (notebook 04)
+- :mod:`helpers.efftemp`       effective temperature under three definitions, its controls, bootstrap refits
 - :mod:`helpers.analysis`      paired method-vs-reference comparisons over prompts, verdicts (notebook 04)
 - :mod:`helpers.timing`        speed measurement and the C4/C5 verdicts (notebook 03)
 - :mod:`helpers.memory`        what a model holds, peak memory, bandwidth and bytes per token

@@ -19,9 +19,12 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import pandas as pd
 
+from . import efftemp
 from .stats import bootstrap_ci
 
 VERDICTS = ("holds", "does not hold", "inconclusive")
+#: a relative loss (or difference of losses) this close to 0 is no effect, whatever its interval
+NEGLIGIBLE = 1e-4
 
 
 def bootstrap_ci_of(
@@ -132,7 +135,11 @@ def sensitivity_index(
 
 
 def sign_verdict(low: float, high: float) -> str:
-    """Is a quantity positive? holds if its interval is above 0, does not hold if below 0."""
+    """Is a quantity positive? holds if its interval is above 0, does not hold if below 0 or if
+    it lies inside ``±NEGLIGIBLE`` (no effect: a control that matches the reference exactly,
+    up to rounding), inconclusive otherwise."""
+    if max(abs(low), abs(high)) < NEGLIGIBLE:
+        return "does not hold"
     if low > 0:
         return "holds"
     if high < 0:
@@ -325,9 +332,10 @@ def loss(method_sum: np.ndarray, reference_sum: np.ndarray) -> np.ndarray:
 
 
 def differs_verdict(low: float, high: float, margin: float) -> str:
-    """Do two things differ? holds if the interval of the difference excludes 0, does not hold if
-    it lies inside ``[-margin, margin]`` (equal for practical purposes), else inconclusive."""
-    if sign_verdict(low, high) != "inconclusive":
+    """Do two things differ? holds if the interval of the difference excludes 0 (by more than
+    ``NEGLIGIBLE``), does not hold if it lies inside ``[-margin, margin]`` (equal for practical
+    purposes), else inconclusive."""
+    if max(abs(low), abs(high)) >= NEGLIGIBLE and (low > 0 or high < 0):
         return "holds"
     return "does not hold" if equivalence_verdict(low, high, margin) == "holds" else "inconclusive"
 
@@ -349,7 +357,8 @@ def temperature_claims(
     ``ref_p_true`` (summed over the block). Twins are averaged first (:func:`family_blocks`).
     ``R(band) = 1 - Q_method(band) / Q_reference(band)``; the statistics are
 
-    * C3 (4-bit more sensitive at low T), per 4-bit family: ``S = R(low) - R(high) > 0``;
+    * C3 (4-bit more sensitive at low T), per 4-bit family (and per control of
+      :data:`helpers.efftemp.CONTROLS` present, read through the same statistic): ``S = R(low) - R(high) > 0``;
     * C3, later version (most sensitive for T in ``mid``), per 4-bit family: ``R(mid) - R(rest)
       > 0``, ``rest`` = every other T > 0 of the grid;
     * C2 (nf4 and fp4 behave differently across temperatures): ``D = [R_fp4 - R_nf4](low) -
@@ -390,7 +399,7 @@ def temperature_claims(
             }
         )
 
-    for fm in [f for f in ("nf4", "fp4") if f in set(fam.method)]:
+    for fm in [f for f in ("nf4", "fp4", *efftemp.CONTROLS) if f in set(fam.method)]:
         ci = contrast_ci(
             {**cols(fm, low, "low"), **cols(fm, high, "high")},
             lambda c: loss(c["m_low"], c["r_low"]) - loss(c["m_high"], c["r_high"]),
@@ -460,17 +469,98 @@ def temperature_claims(
     return pd.DataFrame(rows)
 
 
-def matched_view(blocks: pd.DataFrame) -> pd.DataFrame:
+def matched_view(blocks: pd.DataFrame, view: str) -> pd.DataFrame:
     """The method's nominal rows (top-k off) with the reference columns replaced by the reference
-    at ``tau * T`` (the unit's ``matched`` rows): the comparison with the method's temperature
-    shift removed. Greedy rows (T = 0) are the same in both views."""
+    at ``tau * T`` (the unit's rows of the matched ``view``, ``matched:<definition>``): the
+    comparison with the method's temperature shift removed. Greedy rows (T = 0) are the same in
+    both views."""
     key = ["model", "method", "temperature", *BLOCK_KEY]
     nominal = blocks[(blocks.view == "nominal") & (blocks.top_k == 0)]
-    matched = blocks[blocks.view == "matched"].set_index(key)[["ref_p_true", "ref_logloss", "ref_temperature"]]
+    matched = blocks[blocks.view == view].set_index(key)[["ref_p_true", "ref_logloss", "ref_temperature"]]
+    if matched.empty:
+        raise ValueError(f"no rows of view {view!r}; views: {sorted(blocks.view.unique())}")
     out = nominal.drop(columns=["ref_p_true", "ref_logloss", "ref_temperature"], errors="ignore").join(matched, on=key)
     greedy = out.temperature == 0
     out.loc[greedy, ["ref_p_true", "ref_logloss"]] = nominal.loc[greedy, ["ref_p_true", "ref_logloss"]].to_numpy()
-    return out.assign(view="matched")
+    return out.assign(view=view)
+
+
+def matched_robustness(claims: pd.DataFrame) -> pd.DataFrame:
+    """One row per (model, claim, version, subject) of the methods: the nominal verdict, the
+    verdict (with its estimate) under each matched definition, the noise control's under each,
+    and the one matched verdict that counts (:func:`helpers.efftemp.robust_matched_verdict`:
+    every definition agrees, in verdict and direction, and for C3 the noise control, read
+    through the same statistic, does not also give "holds"; "n/a": no noise control for C2).
+
+    ``claims``: :func:`temperature_claims` rows of one or more models with a ``view`` column
+    (``nominal`` and ``matched:<definition>``)."""
+    matched = claims[claims.view.str.startswith("matched:")]
+    if matched.empty or not (claims.view == "nominal").any():
+        raise ValueError("need nominal and matched:<definition> rows")
+    views = list(dict.fromkeys(matched.view))
+    key = ["model", "claim", "version"]
+    noise = matched[matched.subject == "ctrl-noise"].set_index([*key, "view"]).verdict
+    rows = []
+    methods = claims[~claims.subject.isin(efftemp.CONTROLS)]
+    for (model, claim, version, subject), g in methods.groupby([*key, "subject"], sort=False):
+        g = g.set_index("view")
+        noise_verdicts = [noise.get((model, claim, version, v)) for v in views]
+        noise_verdicts = [] if None in noise_verdicts else noise_verdicts
+        rows.append(
+            {
+                "model": model,
+                "claim": claim,
+                "version": version,
+                "subject": subject,
+                "nominal": f"{g.verdict['nominal']} ({g.estimate['nominal']:+.3f})",
+                **{v: f"{g.verdict[v]} ({g.estimate[v]:+.3f})" for v in views},
+                **{f"ctrl-noise {v}": (noise_verdicts[i] if noise_verdicts else "n/a") for i, v in enumerate(views)},
+                "matched": efftemp.robust_matched_verdict(
+                    [g.verdict[v] for v in views], noise_verdicts, [g.direction[v] for v in views]
+                ),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+#: what each running-text statistic asks, in words
+CLAIM_WORDS = {
+    ("C3", "first"): "4-bit loses more accuracy at low T than at high T",
+    ("C3", "later"): "4-bit loses most in the mid band",
+    ("C2", "first"): "nf4's and fp4's losses change differently with T",
+    ("C2", "later"): "nf4 loses less than fp4 at low T",
+}
+
+
+def plain_summary(nominal: pd.DataFrame, robustness: pd.DataFrame) -> list[str]:
+    """One plain line per (claim, version, subject) of the methods: the nominal verdict on each
+    model with its direction, then the matched verdict that counts (:func:`matched_robustness`).
+    Verdicts that agree on every model are said once."""
+    matched = robustness.set_index(["model", "claim", "version", "subject"]).matched
+    lines = []
+    controls = nominal[nominal.subject.isin(efftemp.CONTROLS) & (nominal.claim == "C3") & (nominal.version == "first")]
+    if len(controls):
+        said = [f"{r.subject} on {r.model} {r.estimate:+.3f} ({r.verdict})" for r in controls.itertuples()]
+        lines.append(
+            "Controls through the same C3 statistic S (what the instrument reads where the answer is known): "
+            + "; ".join(said)
+            + "."
+        )
+    rows = nominal[~nominal.subject.isin(efftemp.CONTROLS)]
+    for (claim, version, subject), g in rows.groupby(["claim", "version", "subject"], sort=False):
+        said = [f"{r.verdict} on {r.model} ({r.direction})" for r in g.itertuples()]
+        m = [matched.get((r.model, claim, version, subject), "n/a") for r in g.itertuples()]
+        after = (
+            m[0] + " on every model"
+            if len(set(m)) == 1
+            else "; ".join(f"{v} on {r.model}" for v, r in zip(m, g.itertuples()))
+        )
+        words = CLAIM_WORDS.get((claim, version), "")
+        lines.append(
+            f"{claim} ({version} version: {words}), {subject}: {'; '.join(said)}. "
+            f"With the temperature shift removed: {after}."
+        )
+    return lines
 
 
 def loss_curve(blocks: pd.DataFrame, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> pd.DataFrame:

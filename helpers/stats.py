@@ -41,3 +41,25 @@ def bootstrap_ci(
     alpha = (1 - level) / 2
     low, high = np.quantile(reps, [alpha, 1 - alpha])
     return float(np.mean(values)), float(low), float(high)
+
+
+def resampled_sums_ci(
+    parts: np.ndarray, statistic, n_boot: int = 1000, level: float = 0.95, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(estimate, low, high)`` arrays of a vector ``statistic`` of the sum of ``parts`` over
+    axis 0 (blocks of text), with percentile intervals from resampling the parts.
+
+    ``statistic`` runs on every replicate's sum, so anything fitted to the sum (a temperature
+    that minimises a summed curve) is refitted per replicate. Replicates where it is not finite
+    are left out of the quantiles."""
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    x = np.asarray(parts, dtype=np.float64)
+    if len(x) == 0:
+        raise ValueError("cannot bootstrap an empty array")
+    rng = np.random.default_rng(seed)
+    estimate = np.asarray(statistic(x.sum(0)), dtype=np.float64)
+    reps = np.stack([statistic(x[rng.integers(0, len(x), len(x))].sum(0)) for _ in range(n_boot)])
+    alpha = (1 - level) / 2
+    low, high = np.nanquantile(reps, [alpha, 1 - alpha], axis=0)
+    return estimate, low, high

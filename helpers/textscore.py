@@ -16,12 +16,13 @@ dozen tokens are, nearly). Every method sees the same windows and blocks, so dif
 the reference are paired.
 
 **Effective temperature.** A method can make every next-token distribution sharper or flatter
-than the reference's; it then behaves like the reference at another temperature.
-:func:`matching_temperature` finds, for a method, the temperature ``tau`` at which the
-reference's distributions are closest (in KL) to the method's at ``T = 1`` (its *effective
-temperature*), and, for any model, the temperature that minimises its log-loss on the text.
-Comparing a method at ``T`` with the reference at ``tau * T`` ("matched" temperature) removes
-that shift from a sensitivity curve.
+than the reference's; it then behaves partly like the reference at another temperature ``tau``.
+Three definitions of ``tau`` (:mod:`helpers.efftemp`) are fitted on every ``fit_stride``-th
+position, and two controls run as if they were methods: the reference's logits divided by a
+known ``c`` (``ctrl-temp``) and the reference's logits plus Gaussian noise with the KL of a
+quantized method (``ctrl-noise``). Comparing a method at ``T`` with the reference at ``tau * T``
+("matched" temperature) removes the shift from a sensitivity curve; ``tau`` is cross-fitted, so
+the blocks it is fitted on are never the blocks it is applied to.
 """
 
 from __future__ import annotations
@@ -31,10 +32,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 
-from . import measures
+from . import efftemp, measures
 from . import methods as registry
 from .evaluation import read_text, token_windows
 from .provenance import load_table
@@ -42,6 +44,7 @@ from .runtime import machine_load, timed
 from .store import ResultStore, code_digest
 
 SUMMED = ("p_true", "logloss", "entropy", "kl", "tv", "ref_p_true", "ref_logloss")
+CONTROLS = efftemp.CONTROLS
 
 
 @dataclass(frozen=True)
@@ -116,59 +119,6 @@ def block_sums(
     return df.groupby(["temperature", "top_k", "block"], as_index=False)[["n", *SUMMED]].sum()
 
 
-def _expected_logit(a: torch.Tensor, beta: float, chunk: int = 64) -> tuple[float, float]:
-    """``(sum_i E_p[a_i], sum_i Var_p[a_i])`` with ``p_i = softmax(beta a_i)``, in float64 sums."""
-    mean = var = 0.0
-    for rows in a.split(chunk):
-        p = torch.softmax(rows * beta, -1)
-        m = (p * rows).sum(-1, keepdim=True)
-        mean += float(m.double().sum())
-        var += float((p * (rows - m) ** 2).sum(-1).double().sum())
-    return mean, var
-
-
-def matching_temperature(
-    a: torch.Tensor, target: torch.Tensor, lo: float = 0.05, hi: float = 20.0, tol: float = 1e-7, max_iter: int = 60
-) -> float:
-    """The temperature ``tau`` at which ``sum_i E_{softmax(a_i / tau)}[a_i] = sum_i target_i``.
-
-    ``a`` is ``[N, V]`` logits. Two uses, both the minimum of a convex function of
-    ``beta = 1 / tau`` whose derivative is that difference:
-
-    * ``target_i = E_{q_i}[a_i]`` for a method's distributions ``q_i`` at ``T = 1`` (see
-      :func:`expected_under`): ``tau`` minimises ``sum_i KL(q_i || softmax(a_i / tau))``, the
-      reference temperature that imitates the method: its *effective temperature*;
-    * ``target_i = a_i[y_i]``, the logit of the true next token: ``tau`` minimises the
-      log-loss ``-sum_i log softmax(a_i / tau)[y_i]``, the model's best temperature on the text.
-
-    Newton's method on ``beta`` (the second derivative is the summed variance), kept inside a
-    bisection bracket; raises if the answer lies outside ``[lo, hi]``.
-    """
-    goal = float(target.double().sum())
-    b_lo, b_hi = 1.0 / hi, 1.0 / lo  # the summed expectation grows with beta
-    if _expected_logit(a, b_lo)[0] > goal or _expected_logit(a, b_hi)[0] < goal:
-        raise ValueError(f"the matching temperature lies outside [{lo}, {hi}]")
-    beta = 1.0
-    for _ in range(max_iter):
-        mean, var = _expected_logit(a, beta)
-        gap = mean - goal
-        if gap > 0:
-            b_hi = beta
-        else:
-            b_lo = beta
-        step = beta - gap / var if var > 0 else float("nan")
-        beta = step if b_lo < step < b_hi else 0.5 * (b_lo + b_hi)
-        if b_hi - b_lo < tol * beta or abs(gap) < tol * max(1.0, abs(goal)):
-            break
-    return 1.0 / beta
-
-
-def expected_under(a: torch.Tensor, b: torch.Tensor, chunk: int = 64) -> torch.Tensor:
-    """``E_{softmax(b_i)}[a_i]`` per row: the reference logits ``a`` averaged over the method's
-    next-token distribution at ``T = 1`` (the target of the effective temperature)."""
-    return torch.cat([(torch.softmax(rb, -1) * ra).sum(-1) for ra, rb in zip(a.split(chunk), b.split(chunk))])
-
-
 # --------------------------------------------------------------------------- the study
 @dataclass
 class TextConfig(registry.ComparisonConfig):
@@ -181,6 +131,10 @@ class TextConfig(registry.ComparisonConfig):
     temperatures: tuple[float, ...] = (0.0, 0.25, 0.5, 0.65, 0.8, 1.0, 1.25, 1.5, 2.0)
     top_ks: tuple[int, ...] = (0, 5, 50)
     fit_positions: int = 1024
+    controls: tuple[str, ...] = tuple(CONTROLS)
+    control_temperature: float = 1.15
+    noise_matched_to: str = "fp4"
+    control_seed: int = 0
 
     def validate(self) -> None:
         """Every check that needs no model: fails in one line before any heavy work."""
@@ -190,6 +144,16 @@ class TextConfig(registry.ComparisonConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 2:
                 raise ValueError(f"{name} must be an integer >= 2, got {value!r}")
+        unknown = set(self.controls) - set(CONTROLS)
+        if unknown:
+            raise ValueError(f"unknown control(s) {sorted(unknown)}; known: {list(CONTROLS)}")
+        if not self.control_temperature > 0:
+            raise ValueError(f"control_temperature must be positive, got {self.control_temperature}")
+        if "ctrl-noise" in self.controls and self.noise_matched_to not in set(self.methods) - {self.reference}:
+            raise ValueError(
+                f"ctrl-noise matches the KL of noise_matched_to={self.noise_matched_to!r}, which is not among the "
+                f"compared methods {[m for m in self.methods if m != self.reference]}"
+            )
         read_documents(self.manifest)
 
     @classmethod
@@ -207,6 +171,9 @@ class TextConfig(registry.ComparisonConfig):
             max_tokens_per_doc=values["text_max_tokens_per_doc"],
             temperatures=tuple(values["text_temperatures"]),
             top_ks=tuple(values["text_top_ks"]),
+            controls=tuple(values.get("text_controls", CONTROLS)),
+            control_temperature=values.get("control_temperature", 1.15),
+            noise_matched_to=values.get("noise_matched_to", "fp4"),
         )
 
 
@@ -214,9 +181,12 @@ class TextStudy:
     """Runs the (model, method) units of a :class:`TextConfig` that are not stored yet.
 
     A unit holds the method's and the reference's block sums at every (T, k) ("nominal" rows),
-    the reference's own at ``tau * T`` ("matched" rows, ``ref_*`` columns, with ``temperature``
-    the method's T; ``tau`` = the method's effective temperature), and, in its provenance,
-    ``tau``, the best temperatures and the timings. The reference needs no unit of its own.
+    the reference's own at ``tau * T`` under each definition of :data:`helpers.efftemp.DEFINITIONS`
+    (``matched:<definition>`` rows, ``ref_*`` columns, with ``temperature`` the method's T),
+    the effective-temperature curves summed per block on :data:`helpers.efftemp.GRID` ("fit" rows,
+    whose ``temperature`` is the grid point), and, in its provenance, the fitted temperatures and
+    the timings. The reference needs no unit of its own; the controls (:data:`CONTROLS`) have
+    units like methods, computed from the reference's logits.
     """
 
     def __init__(self, cfg: TextConfig, folder: str | Path, progress=None):
@@ -230,12 +200,25 @@ class TextStudy:
         # the documents and the code a unit runs (helpers.store.code_digest): scheduling code,
         # docstrings and generation code are not part of it
         self.code = code_digest(
-            TextStudy._unit, TextStudy._reference_logits, TextStudy._windows, extra="".join(self.documents.values())
+            TextStudy._unit,
+            TextStudy._reference_logits,
+            TextStudy._windows,
+            TextStudy._control,
+            extra="".join(self.documents.values()),
         )
 
     def key(self, model: str, method: str) -> dict[str, Any]:
         c = self.cfg
+        control = {}
+        if method == "ctrl-temp":
+            control = {"control_temperature": c.control_temperature}
+        elif method == "ctrl-noise":  # its noise scale comes from the matched method's unit
+            control = {
+                "control_seed": c.control_seed,
+                "matched_to": self.store.path(self.key(model, c.noise_matched_to)).name,
+            }
         return {
+            **control,
             "model": model,
             "method": method,
             "reference": c.reference,
@@ -255,12 +238,14 @@ class TextStudy:
 
     @property
     def compared(self) -> list[str]:
-        """The methods compared with the reference (every method but the reference)."""
-        return [m for m in self.cfg.methods if m != self.cfg.reference]
+        """The methods compared with the reference (every method but the reference), then the
+        controls (``ctrl-noise`` needs its matched method's unit first)."""
+        return [m for m in self.cfg.methods if m != self.cfg.reference] + list(self.cfg.controls)
 
-    def collect(self) -> tuple[pd.DataFrame, pd.DataFrame]:
-        """``(blocks, fits)``: every unit's block sums, and one row per unit with ``tau``, the best
-        temperatures, the token count and the timings."""
+    def collect(self) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+        """``(blocks, fits, curves)``: every unit's block sums (nominal and matched rows), one row
+        per unit with its fitted temperatures, token count and timings, and the per-block
+        effective-temperature curves that :func:`helpers.efftemp.unit_intervals` refits."""
         blocks, fits = [], []
         for m in self.cfg.models:
             for x in self.compared:
@@ -268,13 +253,20 @@ class TextStudy:
                 df, meta = load_table(path)
                 blocks.append(df)
                 fits.append({"model": m, "method": x, **meta["fit"], **meta["timing"]})
-        return pd.concat(blocks, ignore_index=True), pd.DataFrame(fits)
+        blocks = pd.concat(blocks, ignore_index=True)
+        fit = blocks.view == "fit"
+        curves = blocks[fit].dropna(axis=1, how="all").drop(columns="view")
+        return blocks[~fit].drop(columns=list(efftemp.CURVES) + ["half"]), pd.DataFrame(fits), curves
 
     def run(self, workers=None) -> None:
         """Compute every pending unit; each is stored the moment it is finished.
 
-        ``workers`` (:class:`helpers.workers.Workers`): compute only this process's share."""
-        todo = workers.share(self.pending()) if workers is not None else self.pending()
+        ``workers`` (:class:`helpers.workers.Workers`): compute only this process's share, whole models
+        at a time (a model's ``ctrl-noise`` needs its ``noise_matched_to`` unit first)."""
+        todo = self.pending()
+        if workers is not None:
+            mine = set(workers.share(self.cfg.models))
+            todo = [(m, x) for m, x in todo if m in mine]
         if not todo:
             return
         c = self.cfg
@@ -286,10 +278,33 @@ class TextStudy:
             for method in methods:
                 if self.store.done(self.key(model_name, method)):
                     continue  # finished by another process meanwhile
+                if method in CONTROLS:
+                    logits_of, settings = self._control(model_name, method, windows, ref_logits)
+                    self._unit(model_name, method, logits_of, windows, ref_logits, ref_s, bar, settings)
+                    continue
                 model = registry.load(model_name, method, c.device, c.compute_dtype)[0]
-                self._unit(model_name, method, model, windows, ref_logits, ref_s, bar)
+                self._unit(
+                    model_name, method, lambda w, ref, m=model: window_logits(m, w), windows, ref_logits, ref_s, bar
+                )
                 del model
         bar.close()
+
+    def _control(self, model_name: str, method: str, windows: list[Window], ref_logits: list[torch.Tensor]):
+        """``(logits_of(window, ref), settings)`` of a control; the settings go to its provenance."""
+        c = self.cfg
+        if method == "ctrl-temp":
+            return lambda w, ref: efftemp.scaled(ref, c.control_temperature), {"c": c.control_temperature}
+        path = self.store.path(self.key(model_name, c.noise_matched_to))
+        if not path.exists():
+            raise RuntimeError(f"ctrl-noise of {model_name} needs the {c.noise_matched_to} unit first ({path})")
+        rows = load_table(path)[0]
+        at_one = rows[(rows.view == "nominal") & (rows.top_k == 0) & (rows.temperature == 1.0)]
+        target = float(at_one.kl.sum() / at_one.n.sum())  # the matched method's mean KL from fp32 at T = 1
+        calib = torch.cat(ref_logits)[:: max(1, sum(len(r) for r in ref_logits) // 256)][:256]
+        sigma = efftemp.noise_scale(calib, efftemp.noise(calib.shape, c.control_seed), target)
+        seeds = {(w.doc, w.index): c.control_seed + 1 + i for i, w in enumerate(windows)}
+        settings = {"noise_sigma": sigma, "noise_target_kl": target, "noise_matched_to": c.noise_matched_to}
+        return lambda w, ref: ref + sigma * efftemp.noise(ref.shape, seeds[(w.doc, w.index)]), settings
 
     def _reference_logits(self, model_name: str, windows: list[Window]) -> list[torch.Tensor]:
         c = self.cfg
@@ -300,55 +315,49 @@ class TextStudy:
         tok = registry.load_tokenizer(model_name)
         return text_windows(tok, self.documents, self.cfg.window, self.cfg.max_tokens_per_doc)
 
-    def _unit(self, model_name, method, model, windows, ref_logits, ref_s, bar) -> None:
+    def _unit(self, model_name, method, logits_of, windows, ref_logits, ref_s, bar, settings=None) -> None:
         c = self.cfg
         n_rows = sum(len(w.ids) - 1 for w in windows)
         stride = max(1, math.ceil(n_rows / c.fit_positions))  # every stride-th position feeds the fits
-        forward_s = measures_s = 0.0
-        nominal, fit_ref, fit_x, fit_y, first = [], [], [], [], 0
+        forward_s = measures_s = fit_s = 0.0
+        nominal, curves, first, ordinal = [], [], 0, 0
         for w, ref in zip(windows, ref_logits):
-            s, logits = timed(lambda: window_logits(model, w), c.device)  # noqa: B023 (called at once)
+            s, logits = timed(lambda: logits_of(w, ref), c.device)  # noqa: B023 (called at once)
             forward_s += s
-            targets = w.ids[1:]
-            s, sums = timed(lambda: block_sums(ref, logits, targets, list(c.temperatures), list(c.top_ks), c.block))  # noqa: B023 (called at once)
+            targets = torch.tensor(w.ids[1:])
+            s, sums = timed(lambda: block_sums(ref, logits, w.ids[1:], list(c.temperatures), list(c.top_ks), c.block))  # noqa: B023 (called at once)
             measures_s += s
-            nominal.append(sums.assign(doc=w.doc, window=w.index))
+            nominal.append(sums.assign(doc=w.doc, window=w.index, half=(ordinal + sums.block) % 2))
             picked = [i for i in range(len(targets)) if (first + i) % stride == 0]
-            fit_ref.append(ref[picked])
-            fit_x.append(logits[picked])
-            fit_y += [targets[i] for i in picked]
+            s, per_position = timed(lambda: efftemp.position_curves(ref[picked], logits[picked], targets[picked]))  # noqa: B023 (called at once)
+            fit_s += s
+            curves.append(_curve_rows(per_position, [i // c.block for i in picked]).assign(doc=w.doc, window=w.index))
+            ordinal += math.ceil(len(targets) / c.block)
             first += len(targets)
             bar.update(1)
-        a, b, y = torch.cat(fit_ref), torch.cat(fit_x), torch.tensor(fit_y)[:, None]
-        tau = matching_temperature(a, expected_under(a, b))
-        fit = {
-            "tau": tau,
-            "best_T": matching_temperature(b, b.gather(1, y).squeeze(1)),
-            "ref_best_T": matching_temperature(a, a.gather(1, y).squeeze(1)),
-            "fit_positions": len(fit_y),
-            "tokens": n_rows,
-        }
-        # the reference at tau * T: what the method at T is compared with once its shift is removed
-        hot = [T for T in c.temperatures if T > 0]
-        matched_s, matched = timed(
-            lambda: pd.concat(
-                [
-                    block_sums(ref, ref, w.ids[1:], [tau * T for T in hot], [0], c.block).assign(
-                        doc=w.doc, window=w.index
-                    )
-                    for w, ref in zip(windows, ref_logits)
-                ]
+        nominal = pd.concat(nominal, ignore_index=True)
+        halves = nominal.groupby(["doc", "window", "block"]).half.first()
+        curves = pd.concat(curves, ignore_index=True).join(halves, on=["doc", "window", "block"])
+        fit = {"fit_positions": int(curves.n.sum() / len(efftemp.GRID)), "tokens": n_rows, **(settings or {})}
+        fit |= efftemp.fit(_curve_sums(curves))
+        taus = {}  # cross-fitting: the tau applied to blocks of one half is fitted on the other half
+        for h in (0, 1):
+            half_fit = efftemp.fit(_curve_sums(curves[curves.half == 1 - h]))
+            taus[h] = {d: half_fit[d] for d in efftemp.DEFINITIONS}
+            fit |= {f"{d}_from_half{1 - h}": half_fit[d] for d in efftemp.DEFINITIONS}
+        bad = {d for t in taus.values() for d, v in t.items() if not v > 0}
+        if bad:
+            raise ValueError(
+                f"{model_name} {method}: effective temperature ({sorted(bad)}) outside {efftemp.GRID[0]:.2f}"
+                f"-{efftemp.GRID[-1]:.2f}, the grid of helpers.efftemp"
             )
-        )
-        matched = matched[["temperature", "top_k", "block", "n", "ref_p_true", "ref_logloss", "doc", "window"]].assign(
-            view="matched",
-            ref_temperature=matched.temperature,
-            temperature=matched.temperature.map(dict(zip((tau * T for T in hot), hot))),
-        )
-        rows = pd.concat([pd.concat(nominal).assign(view="nominal"), matched], ignore_index=True)
+        hot = [T for T in c.temperatures if T > 0]
+        matched_s, matched = timed(lambda: _matched_rows(windows, ref_logits, halves, taus, hot, c.block))
+        rows = pd.concat([nominal.assign(view="nominal"), matched, curves.assign(view="fit")], ignore_index=True)
         timing = {
             "forward_s": forward_s,
             "measures_s": measures_s,
+            "fit_s": fit_s,
             "matched_s": matched_s,
             "reference_forward_s": ref_s,
             "load_average": machine_load(),
@@ -362,3 +371,52 @@ class TextStudy:
             fit=fit,
             timing=timing,
         )
+
+
+def _curve_rows(per_position, blocks: list[int]) -> pd.DataFrame:
+    """Per-position effective-temperature curves (``[N, 4, G]``) summed per block: one row per
+    (block, grid temperature) with ``n`` and a column per curve."""
+    n, k, g = per_position.shape
+    frame = pd.DataFrame(per_position.transpose(0, 2, 1).reshape(n * g, k), columns=list(efftemp.CURVES))
+    frame = frame.assign(block=[b for b in blocks for _ in range(g)], temperature=list(efftemp.GRID) * n, n=1)
+    return frame.groupby(["block", "temperature"], as_index=False)[["n", *efftemp.CURVES]].sum()
+
+
+def _curve_sums(curves: pd.DataFrame) -> np.ndarray:
+    """``[4, G]``: the curves summed over every block of ``curves`` (rows of :func:`_curve_rows`)."""
+    return curves.groupby("temperature")[list(efftemp.CURVES)].sum().loc[list(efftemp.GRID)].to_numpy().T
+
+
+def _matched_rows(windows, ref_logits, halves: pd.Series, taus: dict, hot: list[float], block: int) -> pd.DataFrame:
+    """The reference at ``tau * T`` for every hot T and definition, summed per block: ``ref_p_true``
+    and ``ref_logloss`` of ``matched:<definition>`` rows (``temperature`` = the method's T). A
+    block of half ``h`` gets the ``tau`` fitted on the other half (``taus[h]``)."""
+    rows = []
+    for w, ref in zip(windows, ref_logits):
+        targets = torch.tensor(w.ids[1:])
+        block_of = torch.arange(len(targets)) // block
+        half_of = torch.tensor([halves[(w.doc, w.index, int(b))] for b in block_of])
+        for h in (0, 1):
+            at = (half_of == h).nonzero().squeeze(1)
+            if len(at) == 0:
+                continue
+            settings = [(d, T, tau * T) for d, tau in taus[h].items() for T in hot]
+            logloss = efftemp.reference_at(ref[at], targets[at], [t for _, _, t in settings])
+            frame = pd.DataFrame(logloss, columns=range(len(settings))).assign(block=block_of[at].numpy())
+            frame = frame.melt(id_vars="block", var_name="setting", value_name="ref_logloss")
+            frame["ref_p_true"] = np.exp(-frame.ref_logloss)
+            frame = frame.groupby(["setting", "block"], as_index=False).agg(
+                n=("ref_logloss", "size"), ref_logloss=("ref_logloss", "sum"), ref_p_true=("ref_p_true", "sum")
+            )
+            d, T, t = zip(*(settings[i] for i in frame.setting))
+            rows.append(
+                frame.drop(columns="setting").assign(
+                    view=[f"matched:{x}" for x in d],
+                    temperature=T,
+                    ref_temperature=t,
+                    top_k=0,
+                    doc=w.doc,
+                    window=w.index,
+                )
+            )
+    return pd.concat(rows, ignore_index=True)

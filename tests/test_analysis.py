@@ -61,6 +61,8 @@ def test_verdicts():
     assert analysis.sign_verdict(0.01, 0.2) == "holds"
     assert analysis.sign_verdict(-0.2, -0.01) == "does not hold"
     assert analysis.sign_verdict(-0.1, 0.1) == "inconclusive"
+    assert analysis.sign_verdict(2e-6, 3e-5) == "does not hold"  # inside +-NEGLIGIBLE: no effect, only rounding
+    assert analysis.differs_verdict(2e-6, 3e-5, margin=0.01) == "does not hold"
     assert analysis.equivalence_verdict(-0.01, 0.02, margin=0.05) == "holds"
     assert analysis.equivalence_verdict(0.06, 0.2, margin=0.05) == "does not hold"
     assert analysis.equivalence_verdict(0.01, 0.2, margin=0.05) == "inconclusive"

@@ -289,9 +289,20 @@ def _check_04():
     assert n.nunique() == 1 and n.iloc[0] >= 3 * meta["parameters"]["text_block"]
     assert (nominal.p_true <= nominal.n + 1e-6).all() and (nominal.kl[nominal.temperature > 0] >= 0).all()
     fits, _ = table("04_temperature_sensitivity_text_fits.csv")
-    assert fits.tau.between(0.5, 2).all() and fits.best_T.between(0.3, 3).all()
+    assert fits.kl_method_ref.between(0.5, 2).all() and fits.best_T.between(0.3, 3).all()
+    # the temperature control: every definition returns its c, and matching removes it entirely
+    eff, _ = table("04_temperature_sensitivity_text_effective_temperature.csv")
+    temp = eff[eff.method == "ctrl-temp"].set_index(["model", "quantity"]).estimate
+    c = meta["parameters"]["control_temperature"]
+    for model in set(eff.model):
+        assert [temp[model, d] for d in ("kl_method_ref", "kl_ref_method", "logloss")] == pytest.approx(
+            [c] * 3, rel=0.01
+        )
     curves, _ = table("04_temperature_sensitivity_text_curves.csv")
-    assert set(curves.view) == {"nominal", "matched"} and (curves.R <= 1).all()
+    assert set(curves.view) == {"nominal", "matched:kl_method_ref", "matched:kl_ref_method", "matched:logloss"}
+    assert (curves.R <= 1).all()
+    matched_temp = curves[(curves.method == "ctrl-temp") & (curves.view != "nominal")]
+    assert matched_temp.R.abs().max() < 1e-3
     text_claims, _ = table("04_temperature_sensitivity_text_claims.csv")
     assert set(text_claims.claim) == {"C2", "C3"} and set(text_claims.version) == {"first", "later"}
     assert (text_claims.ci_low <= text_claims.ci_high).all()

@@ -115,7 +115,7 @@ def test_code_digest_ignores_docstrings_but_follows_the_code_a_unit_reaches(tmp_
 def test_running_text_units_do_not_hash_generation_code():
     """Editing generation code (or any docstring) leaves notebook 04's stored units valid."""
     text = code_closure(textscore.TextStudy._unit, textscore.TextStudy._reference_logits, textscore.TextStudy._windows)
-    assert "helpers.measures:next_token_measures" in text and "helpers.textscore:matching_temperature" in text
+    assert "helpers.measures:next_token_measures" in text and "helpers.efftemp:position_curves" in text
     assert not [label for label in text if label.startswith("helpers.generation:")]
     exact = code_closure(sweep.Sweep._exact, sweep.last_token_logits)
     gen = code_closure(sweep.Sweep._generations)

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import analysis, textscore
+from helpers import analysis, efftemp, textscore
 
 
 def _brute(ref: torch.Tensor, x: torch.Tensor, y: int, T: float, k: int) -> dict[str, float]:
@@ -66,28 +66,34 @@ def test_log_loss_is_exact_where_the_probability_underflows():
     assert got.logloss == pytest.approx(500.0, rel=1e-5)  # computed in log space
 
 
-def test_effective_temperature_recovers_a_known_scale():
-    g = torch.Generator().manual_seed(1)
-    a = torch.randn(200, 1000, generator=g) * 4
-    b = a / 1.3  # the method is the reference at T = 1.3
-    tau = textscore.matching_temperature(a, textscore.expected_under(a, b))
-    assert tau == pytest.approx(1.3, rel=0.02)
-    assert tau == pytest.approx(1.3, rel=1e-4)  # exact up to the solver's tolerance
+def test_matched_rows_are_the_reference_at_the_other_halfs_tau():
+    """Cross-fitting: a block of half h is compared with the reference at the tau fitted on the
+    other half (taus[h]); the sums equal block_sums' reference columns at that temperature."""
+    g = torch.Generator().manual_seed(3)
+    ref = torch.randn(9, 40, generator=g) * 3
+    window = textscore.Window("d", 0, torch.randint(0, 40, (10,), generator=g).tolist())
+    halves = pd.Series({("d", 0, b): b % 2 for b in range(3)})
+    taus = {0: {"x": 1.1}, 1: {"x": 0.9}}
+    got = textscore._matched_rows([window], [ref], halves, taus, [0.5, 1.0], block=4).set_index(
+        ["temperature", "block"]
+    )
+    assert set(got.view) == {"matched:x"} and len(got) == 6
+    for b in range(3):
+        for T in (0.5, 1.0):
+            t = taus[b % 2]["x"] * T
+            want = textscore.block_sums(ref, ref, window.ids[1:], [t], [0], 4).set_index("block").loc[b]
+            have = got.loc[(T, b)]
+            assert have.ref_temperature == pytest.approx(t) and have.n == want.n
+            assert have.ref_p_true == pytest.approx(want.ref_p_true, rel=1e-5)
+            assert have.ref_logloss == pytest.approx(want.ref_logloss, rel=1e-5)
 
 
-def test_best_temperature_minimises_the_log_loss():
-    g = torch.Generator().manual_seed(2)
-    a = torch.randn(300, 50, generator=g) * 2
-    y = torch.multinomial(torch.softmax(a / 1.6, -1), 1, generator=g)  # text drawn at T = 1.6
-    best = textscore.matching_temperature(a, a.gather(1, y).squeeze(1))
-
-    def nll(T):
-        return float(-torch.log_softmax(a.double() / T, -1).gather(1, y).sum())
-
-    grid = np.linspace(0.5, 4, 701)
-    assert best == pytest.approx(grid[np.argmin([nll(T) for T in grid])], abs=0.01)
-    with pytest.raises(ValueError, match="outside"):
-        textscore.matching_temperature(a, a.amax(-1) + 1)  # above every reachable expectation
+def test_curve_rows_sum_positions_per_block():
+    per_position = np.arange(3 * 4 * len(efftemp.GRID), dtype=float).reshape(3, 4, -1)
+    rows = textscore._curve_rows(per_position, [0, 0, 1]).set_index(["block", "temperature"])
+    assert rows.loc[(0, efftemp.GRID[5])].n == 2 and rows.loc[(1, efftemp.GRID[5])].n == 1
+    assert rows.loc[(0, efftemp.GRID[5]), "kl_rm"] == per_position[0, 1, 5] + per_position[1, 1, 5]
+    np.testing.assert_allclose(textscore._curve_sums(rows.reset_index()), per_position.sum(0))
 
 
 def test_text_windows_cover_every_token_once():
@@ -158,8 +164,9 @@ def test_matched_view_swaps_in_the_reference_at_the_effective_temperature():
     matched = nominal[nominal.temperature > 0].assign(
         view="matched", ref_p_true=lambda d: d.p_true, ref_temperature=lambda d: 1.2 * d.temperature
     )
-    view = analysis.matched_view(pd.concat([nominal, matched]))
-    assert (view.view == "matched").all() and len(view) == len(nominal)
+    matched = matched.assign(view="matched:x")
+    view = analysis.matched_view(pd.concat([nominal, matched]), "matched:x")
+    assert (view.view == "matched:x").all() and len(view) == len(nominal)
     assert np.allclose(view.p_true, view.ref_p_true)  # a pure temperature shift: no loss left
     assert sorted(view.ref_temperature.unique()) == pytest.approx([0.6, 1.2])
 
@@ -196,3 +203,58 @@ def test_paired_differences_match_slots_and_average_per_prompt():
     ci = analysis.mean_ci_by(diff, ["method"], "diff", n_boot=50)
     assert ci["mean"].iloc[0] == pytest.approx(0.5) and ci.low.iloc[0] == pytest.approx(0.5)
     assert ci.prompts.iloc[0] == 2
+
+
+def test_matched_robustness_needs_every_definition_and_a_clean_noise_control():
+    rows = []
+    for view, nf4, fp4, noise in (
+        ("nominal", "holds", "holds", "holds"),
+        ("matched:a", "holds", "holds", "does not hold"),
+        ("matched:b", "holds", "does not hold", "does not hold"),
+    ):
+        for subject, verdict in (("nf4", nf4), ("fp4", fp4), ("ctrl-noise", noise)):
+            rows.append(
+                {
+                    "model": "m",
+                    "view": view,
+                    "claim": "C3",
+                    "version": "first",
+                    "subject": subject,
+                    "verdict": verdict,
+                    "estimate": 0.1,
+                    "direction": "loses more at low T",
+                }
+            )
+    got = analysis.matched_robustness(pd.DataFrame(rows)).set_index("subject")
+    assert list(got.index) == ["nf4", "fp4"]  # controls are not subjects of their own
+    assert got.loc["nf4", "matched"] == "holds" and got.loc["nf4", "nominal"] == "holds (+0.100)"
+    assert got.loc["nf4", "ctrl-noise matched:b"] == "does not hold"
+    assert got.loc["fp4", "matched"] == "depends on the definition"
+    noisy = pd.DataFrame(rows).assign(verdict=lambda d: d.verdict.where(d.subject != "ctrl-noise", "holds"))
+    assert analysis.matched_robustness(noisy).set_index("subject").loc["nf4", "matched"] == "also found in noise"
+    flipped = pd.DataFrame(rows).assign(
+        direction=lambda d: d.direction.where(d.view != "matched:b", "loses less at low T")
+    )
+    assert analysis.matched_robustness(flipped).set_index("subject").loc["nf4", "matched"] == (
+        "holds, but its direction depends on the definition"
+    )
+
+
+def test_plain_summary_says_a_shared_verdict_once():
+    nominal = pd.DataFrame(
+        [
+            {
+                "model": m,
+                "claim": "C3",
+                "version": "first",
+                "subject": "nf4",
+                "verdict": "holds",
+                "direction": "loses more at low T",
+            }
+            for m in ("a", "b")
+        ]
+    )
+    robustness = nominal.assign(matched="depends on the definition")
+    (line,) = analysis.plain_summary(nominal, robustness)
+    assert line.startswith("C3 (first version: 4-bit loses more accuracy at low T than at high T), nf4: holds on a")
+    assert line.endswith("With the temperature shift removed: depends on the definition on every model.")
