@@ -300,7 +300,7 @@ class TextStudy:
         rows = load_table(path)[0]
         at_one = rows[(rows.view == "nominal") & (rows.top_k == 0) & (rows.temperature == 1.0)]
         target = float(at_one.kl.sum() / at_one.n.sum())  # the matched method's mean KL from fp32 at T = 1
-        calib = torch.cat(ref_logits)[:: max(1, sum(len(r) for r in ref_logits) // 256)][:256]
+        calib = _every_nth_row(ref_logits, max(1, sum(len(r) for r in ref_logits) // 256), 256)
         sigma = efftemp.noise_scale(calib, efftemp.noise(calib.shape, c.control_seed), target)
         seeds = {(w.doc, w.index): c.control_seed + 1 + i for i, w in enumerate(windows)}
         settings = {"noise_sigma": sigma, "noise_target_kl": target, "noise_matched_to": c.noise_matched_to}
@@ -371,6 +371,16 @@ class TextStudy:
             fit=fit,
             timing=timing,
         )
+
+
+def _every_nth_row(parts: list[torch.Tensor], step: int, limit: int) -> torch.Tensor:
+    """Rows ``0, step, 2 * step ...`` (at most ``limit``) of the parts stacked end to end, without
+    the copy of every row that ``torch.cat(parts)[::step]`` would make."""
+    picked, first = [], 0
+    for part in parts:
+        picked.append(part[(-first) % step :: step])
+        first += len(part)
+    return torch.cat(picked)[:limit]
 
 
 def _curve_rows(per_position, blocks: list[int]) -> pd.DataFrame:

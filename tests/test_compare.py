@@ -31,7 +31,16 @@ def test_a_moved_number_or_text_is_reported_with_its_size():
 
 
 def test_run_specific_columns():
-    for col in ("forward_s", "ttft_s", "e2e_tokens_per_s_16", "read_GBps", "load_average", "peak_rss_MiB", "code"):
+    for col in (
+        "forward_s",
+        "ttft_s",
+        "e2e_tokens_per_s_16",
+        "read_GBps",
+        "load_average",
+        "peak_rss_MiB",
+        "code",
+        "matched_to",
+    ):
         assert compare.is_run_specific(col), col
-    for col in ("kl", "tv", "weights_MiB", "perplexity", "tau"):
+    for col in ("kl", "tv", "weights_MiB", "perplexity", "tau", "noise_matched_to"):
         assert not compare.is_run_specific(col), col

@@ -258,3 +258,11 @@ def test_plain_summary_says_a_shared_verdict_once():
     (line,) = analysis.plain_summary(nominal, robustness)
     assert line.startswith("C3 (first version: 4-bit loses more accuracy at low T than at high T), nf4: holds on a")
     assert line.endswith("With the temperature shift removed: depends on the definition on every model.")
+
+
+def test_every_nth_row_equals_the_rows_of_the_stacked_parts():
+    parts = [torch.arange(n * 2.0).reshape(n, 2) + 100 * i for i, n in enumerate((5, 3, 7, 1))]
+    for step in (1, 2, 3, 4, 9):
+        for limit in (2, 100):
+            want = torch.cat(parts)[::step][:limit]
+            assert torch.equal(textscore._every_nth_row(parts, step, limit), want), (step, limit)
