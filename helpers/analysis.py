@@ -535,16 +535,18 @@ CLAIM_WORDS = {
 def plain_summary(nominal: pd.DataFrame, robustness: pd.DataFrame) -> list[str]:
     """One plain line per (claim, version, subject) of the methods: the nominal verdict on each
     model with its direction, then the matched verdict that counts (:func:`matched_robustness`).
-    Verdicts that agree on every model are said once."""
+    Verdicts that agree on every model are said once. First, where present, the controls' C3
+    (first version) estimates, with what each should give."""
     matched = robustness.set_index(["model", "claim", "version", "subject"]).matched
     lines = []
     controls = nominal[nominal.subject.isin(efftemp.CONTROLS) & (nominal.claim == "C3") & (nominal.version == "first")]
     if len(controls):
         said = [f"{r.subject} on {r.model} {r.estimate:+.3f} ({r.verdict})" for r in controls.itertuples()]
         lines.append(
-            "Controls through the same C3 statistic S (what the instrument reads where the answer is known): "
+            "Controls through the same C3 statistic S: "
             + "; ".join(said)
-            + "."
+            + " (ctrl-temp is flatter than fp32 by construction, so it loses less at low T: S < 0; ctrl-noise has"
+            " no temperature change applied: its S is what the statistic reads into noise of a 4-bit method's size)."
         )
     rows = nominal[~nominal.subject.isin(efftemp.CONTROLS)]
     for (claim, version, subject), g in rows.groupby(["claim", "version", "subject"], sort=False):

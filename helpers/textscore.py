@@ -17,8 +17,8 @@ the reference are paired.
 
 **Effective temperature.** A method can make every next-token distribution sharper or flatter
 than the reference's; it then behaves partly like the reference at another temperature ``tau``.
-Three definitions of ``tau`` (:mod:`helpers.efftemp`) are fitted on every ``fit_stride``-th
-position, and two controls run as if they were methods: the reference's logits divided by a
+Three definitions of ``tau`` (:mod:`helpers.efftemp`) are fitted on about ``fit_positions``
+evenly spaced positions, and two controls run as if they were methods: the reference's logits divided by a
 known ``c`` (``ctrl-temp``) and the reference's logits plus Gaussian noise with the KL of a
 quantized method (``ctrl-noise``). Comparing a method at ``T`` with the reference at ``tau * T``
 ("matched" temperature) removes the shift from a sensitivity curve; ``tau`` is cross-fitted, so
@@ -172,8 +172,8 @@ class TextConfig(registry.ComparisonConfig):
             temperatures=tuple(values["text_temperatures"]),
             top_ks=tuple(values["text_top_ks"]),
             controls=tuple(values.get("text_controls", CONTROLS)),
-            control_temperature=values.get("control_temperature", 1.15),
-            noise_matched_to=values.get("noise_matched_to", "fp4"),
+            control_temperature=values.get("control_temperature", cls.control_temperature),
+            noise_matched_to=values.get("noise_matched_to", cls.noise_matched_to),
         )
 
 
