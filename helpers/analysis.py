@@ -15,6 +15,7 @@ high T for that reason alone.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -272,10 +273,10 @@ def family(method: str) -> str:
     return method.removesuffix("-dq")
 
 
-def family_blocks(blocks: pd.DataFrame) -> pd.DataFrame:
+def family_blocks(blocks: pd.DataFrame, block_key: Sequence[str] = tuple(BLOCK_KEY)) -> pd.DataFrame:
     """Block sums averaged over the methods of each family (``nf4`` with ``nf4-dq``, ``fp4``
     with ``fp4-dq``), so that twins count once, as replicates. Adds nothing for lone methods."""
-    keys = [c for c in ("model", "view", "temperature", "top_k", *BLOCK_KEY) if c in blocks.columns]
+    keys = [c for c in ("model", "view", "temperature", "top_k", *block_key) if c in blocks.columns]
     numeric = [
         c
         for c in blocks.columns
@@ -284,7 +285,9 @@ def family_blocks(blocks: pd.DataFrame) -> pd.DataFrame:
     return blocks.assign(method=blocks.method.map(family)).groupby(["method", *keys], as_index=False)[numeric].mean()
 
 
-def band_sums(blocks: pd.DataFrame, band: Sequence[float], column: str) -> pd.Series:
+def band_sums(
+    blocks: pd.DataFrame, band: Sequence[float], column: str, block_key: Sequence[str] = tuple(BLOCK_KEY)
+) -> pd.Series:
     """Per block, the mean over the temperatures in ``[band[0], band[1]]`` (greedy excluded) of a
     summed column: the block's share of a band average."""
     lo, hi = band
@@ -293,7 +296,7 @@ def band_sums(blocks: pd.DataFrame, band: Sequence[float], column: str) -> pd.Se
     rows = blocks[(blocks.temperature >= lo - 1e-9) & (blocks.temperature <= hi + 1e-9) & (blocks.temperature > 0)]
     if rows.empty:
         raise ValueError(f"no temperatures in [{lo}, {hi}]")
-    return rows.groupby(BLOCK_KEY)[column].mean()
+    return rows.groupby(list(block_key))[column].mean()
 
 
 def columns_ci(
@@ -340,6 +343,27 @@ def differs_verdict(low: float, high: float, margin: float) -> str:
     return "does not hold" if equivalence_verdict(low, high, margin) == "holds" else "inconclusive"
 
 
+@dataclass(frozen=True)
+class Measure:
+    """How an instrument turns sums per block (a span of text, a prompt) into a relative loss
+    ``R`` (above 0: the method is worse than the reference)."""
+
+    columns: tuple[str, ...]  # summed per block for the method; the reference's carry the prefix "ref_"
+    relative_loss: Callable[..., np.ndarray]  # (method means..., reference means...) -> R
+    block_key: tuple[str, ...]
+    level: Callable[[pd.Series, str], float]  # (column sums of a group, "" or "ref_") -> its quality
+
+    def loss(self, c: dict[str, np.ndarray], tag: str) -> np.ndarray:
+        """``R`` from the columns ``<column>_<tag>`` and ``ref_<column>_<tag>`` of ``c``."""
+        return self.relative_loss(
+            *(c[f"{x}_{tag}"] for x in self.columns), *(c[f"ref_{x}_{tag}"] for x in self.columns)
+        )
+
+
+#: running text: relative loss of expected next-word accuracy, blocks of consecutive tokens
+ACCURACY = Measure(("p_true",), lambda m, r: loss(m, r), tuple(BLOCK_KEY), lambda s, p: s[f"{p}p_true"] / s["n"])
+
+
 def temperature_claims(
     blocks: pd.DataFrame,
     low: Sequence[float],
@@ -349,13 +373,16 @@ def temperature_claims(
     n_boot: int = 1000,
     level: float = 0.95,
     seed: int = 0,
+    measure: Measure = ACCURACY,
 ) -> pd.DataFrame:
     """Claims C2 and C3 (both abstract versions) for one model and one view, from its block sums.
 
     ``blocks``: one model's rows of one view (``nominal`` or ``matched``), with columns
-    ``method``, ``temperature``, ``top_k`` (only 0 is used), the block key, ``p_true`` and
-    ``ref_p_true`` (summed over the block). Twins are averaged first (:func:`family_blocks`).
-    ``R(band) = 1 - Q_method(band) / Q_reference(band)``; the statistics are
+    ``method``, ``temperature``, ``top_k`` (only 0 is used), ``measure.block_key`` and the
+    ``measure``'s columns summed over each block (for :data:`ACCURACY`, ``p_true`` and
+    ``ref_p_true``; for generations, :data:`helpers.judge.JUDGED`). Twins are averaged first
+    (:func:`family_blocks`). ``R(band)`` is the measure's relative loss over the band (for
+    :data:`ACCURACY`, ``1 - Q_method(band) / Q_reference(band)``); the statistics are
 
     * C3 (4-bit more sensitive at low T), per 4-bit family (and per control of
       :data:`helpers.efftemp.CONTROLS` present, read through the same statistic): ``S = R(low) - R(high) > 0``;
@@ -363,23 +390,27 @@ def temperature_claims(
       > 0``, ``rest`` = every other T > 0 of the grid;
     * C2 (nf4 and fp4 behave differently across temperatures): ``D = [R_fp4 - R_nf4](low) -
       [R_fp4 - R_nf4](high)`` differs from 0 (two-sided, equivalence ``margin``);
-    * C2, later version (nf4 more resilient at low T): ``R_fp4(low) - R_nf4(low) > 0``.
+    * C2, later version (nf4 more resilient at low T): ``R_fp4(low) - R_nf4(low) > 0``;
+    * C1 (nf4 and fp4 equally proficient; both versions): ``R_fp4 - R_nf4`` over every T > 0
+      lies within ``±margin`` (holds) or wholly outside it (does not hold).
 
     One row per statistic: estimate, paired bootstrap interval over blocks, verdict, direction.
     """
-    fam = family_blocks(blocks[blocks.top_k == 0])
+    key = list(measure.block_key)
+    fam = family_blocks(blocks[blocks.top_k == 0], key)
     temps = sorted(t for t in fam.temperature.unique() if t > 0)
     rest = [t for t in temps if not mid[0] - 1e-9 <= t <= mid[1] + 1e-9]
     if not rest:
         raise ValueError(f"no temperature outside {list(mid)} to compare with")
+    summed = [*measure.columns, *(f"ref_{x}" for x in measure.columns)]
 
     def cols(method: str, band: Sequence[float], tag: str) -> dict[str, pd.Series]:
         g = fam[fam.method == method]
-        return {f"m_{tag}": band_sums(g, band, "p_true"), f"r_{tag}": band_sums(g, band, "ref_p_true")}
+        return {f"{x}_{tag}": band_sums(g, band, x, key) for x in summed}
 
     def rest_cols(method: str) -> dict[str, pd.Series]:
         g = fam[(fam.method == method) & fam.temperature.isin(rest)]
-        return {"m_rest": g.groupby(BLOCK_KEY).p_true.mean(), "r_rest": g.groupby(BLOCK_KEY).ref_p_true.mean()}
+        return {f"{x}_rest": g.groupby(key)[x].mean() for x in summed}
 
     rows = []
 
@@ -402,7 +433,7 @@ def temperature_claims(
     for fm in [f for f in ("nf4", "fp4", *efftemp.CONTROLS) if f in set(fam.method)]:
         ci = contrast_ci(
             {**cols(fm, low, "low"), **cols(fm, high, "high")},
-            lambda c: loss(c["m_low"], c["r_low"]) - loss(c["m_high"], c["r_high"]),
+            lambda c: measure.loss(c, "low") - measure.loss(c, "high"),
             n_boot,
             level,
             seed,
@@ -419,7 +450,7 @@ def temperature_claims(
         )
         ci = contrast_ci(
             {**cols(fm, mid, "mid"), **rest_cols(fm)},
-            lambda c: loss(c["m_mid"], c["r_mid"]) - loss(c["m_rest"], c["r_rest"]),
+            lambda c: measure.loss(c, "mid") - measure.loss(c, "rest"),
             n_boot,
             level,
             seed,
@@ -442,7 +473,9 @@ def temperature_claims(
         }
 
         def gap(c, band):
-            return loss(c[f"fp4_m_{band}"], c[f"fp4_r_{band}"]) - loss(c[f"nf4_m_{band}"], c[f"nf4_r_{band}"])
+            return measure.loss({k[4:]: v for k, v in c.items() if k.startswith("fp4_")}, band) - measure.loss(
+                {k[4:]: v for k, v in c.items() if k.startswith("nf4_")}, band
+            )
 
         ci = contrast_ci(both, lambda c: gap(c, "low") - gap(c, "high"), n_boot, level, seed)
         add(
@@ -465,6 +498,24 @@ def temperature_claims(
             sign_verdict(*ci[1:]),
             "nf4 more resilient at low T",
             "fp4 more resilient at low T",
+        )
+        every = [temps[0], temps[-1]]
+        ci = contrast_ci(
+            {f"{fm}_{k}": v for fm in ("nf4", "fp4") for k, v in cols(fm, every, "all").items()},
+            lambda c: gap(c, "all"),
+            n_boot,
+            level,
+            seed,
+        )
+        add(
+            "C1",
+            "both",
+            "nf4 vs fp4",
+            "R_fp4 - R_nf4, every T > 0",
+            ci,
+            equivalence_verdict(*ci[1:], margin),
+            "nf4 loses less than fp4",
+            "fp4 loses less than nf4",
         )
     return pd.DataFrame(rows)
 
@@ -525,11 +576,17 @@ def matched_robustness(claims: pd.DataFrame) -> pd.DataFrame:
 
 #: what each running-text statistic asks, in words
 CLAIM_WORDS = {
-    ("C3", "first"): "4-bit loses more accuracy at low T than at high T",
+    ("C3", "first"): "4-bit loses more against fp32 at low T than at high T",
     ("C3", "later"): "4-bit loses most in the mid band",
     ("C2", "first"): "nf4's and fp4's losses change differently with T",
     ("C2", "later"): "nf4 loses less than fp4 at low T",
+    ("C1", "both"): "nf4 and fp4 lose the same, within the equivalence margin",
 }
+
+
+def version_words(version: str) -> str:
+    """ "first version", "later version", or "both versions" for a claim the abstracts share."""
+    return "both versions" if version == "both" else f"{version} version"
 
 
 def plain_summary(nominal: pd.DataFrame, robustness: pd.DataFrame) -> list[str]:
@@ -559,28 +616,31 @@ def plain_summary(nominal: pd.DataFrame, robustness: pd.DataFrame) -> list[str]:
         )
         words = CLAIM_WORDS.get((claim, version), "")
         lines.append(
-            f"{claim} ({version} version: {words}), {subject}: {'; '.join(said)}. "
+            f"{claim} ({version_words(version)}: {words}), {subject}: {'; '.join(said)}. "
             f"With the temperature shift removed: {after}."
         )
     return lines
 
 
-def loss_curve(blocks: pd.DataFrame, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> pd.DataFrame:
-    """Per (model, method, view, T, top-k): the expected next-word accuracy of the method and of the
-    reference it is compared with (``Q``, ``Q_ref``: sums over positions / positions) and the
-    relative loss ``R = 1 - Q / Q_ref`` with its paired bootstrap interval over blocks."""
+def loss_curve(
+    blocks: pd.DataFrame, n_boot: int = 1000, level: float = 0.95, seed: int = 0, measure: Measure = ACCURACY
+) -> pd.DataFrame:
+    """Per (model, method, view, T, top-k): the quality of the method and of the reference it is
+    compared with (``Q``, ``Q_ref``; for :data:`ACCURACY` the expected next-word accuracy, sums
+    over positions / positions) and the relative loss ``R`` (for :data:`ACCURACY`, ``1 - Q /
+    Q_ref``) with its paired bootstrap interval over blocks."""
     by = ["model", "method", "view", "temperature", "top_k"]
+    summed = [*measure.columns, *(f"ref_{x}" for x in measure.columns)]
     rows = []
     for key, g in blocks.groupby(by):
-        g = g.set_index(BLOCK_KEY)
-        est, lo, hi = contrast_ci(
-            {"m": g.p_true, "r": g.ref_p_true}, lambda c: loss(c["m"], c["r"]), n_boot, level, seed
-        )
+        g = g.set_index(list(measure.block_key))
+        est, lo, hi = contrast_ci({f"{x}_": g[x] for x in summed}, lambda c: measure.loss(c, ""), n_boot, level, seed)
+        totals = g.sum(numeric_only=True)
         rows.append(
             {
                 **dict(zip(by, key)),
-                "Q": g.p_true.sum() / g.n.sum(),
-                "Q_ref": g.ref_p_true.sum() / g.n.sum(),
+                "Q": measure.level(totals, ""),
+                "Q_ref": measure.level(totals, "ref_"),
                 "R": est,
                 "R_low": lo,
                 "R_high": hi,
@@ -605,3 +665,71 @@ def paired_differences(generations: pd.DataFrame, value: str, reference: str = "
     ref = generations[generations.method == reference].set_index(key)[value].rename("ref_value")
     out = generations[generations.method != reference].join(ref, on=key)
     return out.assign(diff=out[value] - out.ref_value).dropna(subset=["diff"])
+
+
+# --------------------------------------------------------------------------- synthesis
+SYNTHESIS_COLUMNS = ["claim", "version", "model", "instrument", "subject", "statistic", "estimate", "ci_low",
+                     "ci_high", "verdict", "direction"]  # fmt: skip
+
+
+def cloze_rows(claims: pd.DataFrame) -> pd.DataFrame:
+    """:func:`cloze_claims` rows in the synthesis's columns (C1 is both versions' claim, C2 and C3
+    the first version's; C3 is read over every 4-bit method at once)."""
+    versions = {"C1": "both", "C2": "first", "C3": "first"}
+    subjects = {"C1": "nf4 vs fp4", "C2": "nf4 vs fp4", "C3": "4-bit (every method)"}
+    positive = {"C1": "nf4 better than fp4", "C2": "fp4 falls behind nf4 more at low T", "C3": "loses more at low T"}
+    negative = {"C1": "fp4 better than nf4", "C2": "fp4 falls behind nf4 more at high T", "C3": "loses less at low T"}
+    out = claims.assign(
+        version=claims.claim.map(versions),
+        subject=claims.claim.map(subjects),
+        direction=[(positive if e > 0 else negative)[c] for c, e in zip(claims.claim, claims.estimate)],
+    )
+    return out[[c for c in SYNTHESIS_COLUMNS if c != "instrument"]]
+
+
+def instrument_verdict(verdicts: Sequence[str]) -> str:
+    """One instrument's verdict over its models and subjects: the common verdict where they agree,
+    "depends on the model or method" where some hold and some do not, else "inconclusive"."""
+    v = set(verdicts)
+    if len(v) == 1:
+        return v.pop()
+    return "depends on the model or method" if {"holds", "does not hold"} <= v else "inconclusive"
+
+
+def synthesis(by_instrument: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(rows, answers)``: every statistic of every instrument in one table (columns
+    :data:`SYNTHESIS_COLUMNS`), and one answer per (claim, version): each instrument's verdict
+    (:func:`instrument_verdict`) and the answer, the instruments' common verdict where they agree,
+    "depends on the instrument" where they do not. ``statistics`` counts what the answer reads at
+    once (each at 95%: multiplicity)."""
+    rows = pd.concat(
+        [t.assign(instrument=name)[SYNTHESIS_COLUMNS] for name, t in by_instrument.items() if len(t)],
+        ignore_index=True,
+    )
+    answers = []
+    for (claim, version), g in rows.groupby(["claim", "version"], sort=True):
+        per = {i: instrument_verdict(list(h.verdict)) for i, h in g.groupby("instrument", sort=False)}
+        answer = next(iter(per.values())) if len(set(per.values())) == 1 else "depends on the instrument"
+        answers.append({"claim": claim, "version": version, "answer": answer, "statistics": len(g), **per})
+    return rows, pd.DataFrame(answers)
+
+
+def synthesis_lines(answers: pd.DataFrame, rows: pd.DataFrame) -> list[str]:
+    """One plain line per (claim, version) of :func:`synthesis`: the answer, then each
+    instrument's verdict with the directions it found (where one direction holds everywhere)."""
+    lines = []
+    for a in answers.to_dict("records"):
+        said = []
+        for instrument, g in rows[(rows.claim == a["claim"]) & (rows.version == a["version"])].groupby(
+            "instrument", sort=False
+        ):
+            held = g[g.verdict == "holds"]
+            how = "; ".join(dict.fromkeys(held.direction))
+            if len(held) and len(held) < len(g):
+                how = f"holds in {len(held)} of {len(g)}: {how}"
+            said.append(f"{instrument}: {a[instrument]}" + (f" ({how})" if how else ""))
+        words = CLAIM_WORDS.get((a["claim"], a["version"]), "")
+        lines.append(
+            f"{a['claim']} ({version_words(a['version'])}: {words}): {a['answer'].upper()}. " + "; ".join(said) + "."
+        )
+    return lines

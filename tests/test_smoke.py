@@ -304,8 +304,15 @@ def _check_04():
     matched_temp = curves[(curves.method == "ctrl-temp") & (curves.view != "nominal")]
     assert matched_temp.R.abs().max() < 1e-3
     text_claims, _ = table("04_temperature_sensitivity_text_claims.csv")
-    assert set(text_claims.claim) == {"C2", "C3"} and set(text_claims.version) == {"first", "later"}
+    assert set(text_claims.claim) == {"C1", "C2", "C3"} and set(text_claims.version) == {"first", "later", "both"}
     assert (text_claims.ci_low <= text_claims.ci_high).all()
+    # generations judged by the other family's fp32 (and by themselves), and one answer per claim
+    judged, meta = table("04_temperature_sensitivity_generations_judged.csv.gz")
+    assert set(judged.view) == {"self", "independent"} and "ctrl-repeat" in set(judged.method)
+    assert (judged.bits >= 0).all() and (judged.novel_bytes <= judged.bytes).all()
+    assert len(judged[judged.view == "independent"]) == len(judged[judged.view == "self"])
+    answers, _ = table("04_temperature_sensitivity_synthesis_answers.csv")
+    assert {"C1", "C3"} <= set(answers.claim) and "running text" in answers.columns
 
 
 @checks("05_outlier_features")

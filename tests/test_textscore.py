@@ -256,7 +256,7 @@ def test_plain_summary_says_a_shared_verdict_once():
     )
     robustness = nominal.assign(matched="depends on the definition")
     (line,) = analysis.plain_summary(nominal, robustness)
-    assert line.startswith("C3 (first version: 4-bit loses more accuracy at low T than at high T), nf4: holds on a")
+    assert line.startswith("C3 (first version: 4-bit loses more against fp32 at low T than at high T), nf4: holds on a")
     assert line.endswith("With the temperature shift removed: depends on the definition on every model.")
 
 
