@@ -12,6 +12,7 @@ One module per concern, one line each; notebooks import what they need:
 - :mod:`helpers.textscore`     next-word prediction on running text, its units and controls (notebook 04)
 - :mod:`helpers.efftemp`       effective temperature under three definitions, its controls, bootstrap refits
 - :mod:`helpers.analysis`      paired method-vs-reference comparisons over prompts, verdicts (notebook 04)
+- :mod:`helpers.judge`         generations judged by another model in bits per novel byte, greedy loops
 - :mod:`helpers.timing`        speed measurement and the C4/C5 verdicts (notebook 03)
 - :mod:`helpers.memory`        what a model holds, peak memory, bandwidth and bytes per token
 - :mod:`helpers.outliers`      LLM.int8() outlier features from recorded activations (notebook 05)
