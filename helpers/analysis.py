@@ -672,19 +672,37 @@ SYNTHESIS_COLUMNS = ["claim", "version", "model", "instrument", "subject", "stat
                      "ci_high", "verdict", "direction"]  # fmt: skip
 
 
-def cloze_rows(claims: pd.DataFrame) -> pd.DataFrame:
-    """:func:`cloze_claims` rows in the synthesis's columns (C1 is both versions' claim, C2 and C3
-    the first version's; C3 is read over every 4-bit method at once)."""
-    versions = {"C1": "both", "C2": "first", "C3": "first"}
-    subjects = {"C1": "nf4 vs fp4", "C2": "nf4 vs fp4", "C3": "4-bit (every method)"}
-    positive = {"C1": "nf4 better than fp4", "C2": "fp4 falls behind nf4 more at low T", "C3": "loses more at low T"}
-    negative = {"C1": "fp4 better than nf4", "C2": "fp4 falls behind nf4 more at high T", "C3": "loses less at low T"}
-    out = claims.assign(
-        version=claims.claim.map(versions),
-        subject=claims.claim.map(subjects),
-        direction=[(positive if e > 0 else negative)[c] for c, e in zip(claims.claim, claims.estimate)],
+def cloze_rows(claims: pd.DataFrame, index: pd.DataFrame) -> pd.DataFrame:
+    """:func:`cloze_claims` rows in the synthesis's columns: C1 (both versions' claim) and C2 (first
+    version) as they are, C3 (first version) per 4-bit family from the sensitivity ``index``
+    (:func:`sensitivity_index` per model and method; the -dq twins, replicates, are left out), so
+    that each method's interval and direction are read on their own, as on the other instruments."""
+    versions = {"C1": "both", "C2": "first"}
+    positive = {"C1": "nf4 better than fp4", "C2": "fp4 falls behind nf4 more at low T"}
+    negative = {"C1": "fp4 better than nf4", "C2": "fp4 falls behind nf4 more at high T"}
+    pairs = claims[claims.claim.isin(list(versions))]
+    pairs = pairs.assign(
+        version=pairs.claim.map(versions),
+        subject="nf4 vs fp4",
+        direction=[(positive if e > 0 else negative)[c] for c, e in zip(pairs.claim, pairs.estimate)],
     )
-    return out[[c for c in SYNTHESIS_COLUMNS if c != "instrument"]]
+    c3 = index[index.method.isin(["nf4", "fp4"])]
+    c3 = pd.DataFrame(
+        {
+            "claim": "C3",
+            "version": "first",
+            "model": c3.model,
+            "subject": c3.method,
+            "statistic": "S = R(low) - R(high)",
+            "estimate": c3["index"],
+            "ci_low": c3.index_low,
+            "ci_high": c3.index_high,
+            "verdict": [sign_verdict(lo, hi) for lo, hi in zip(c3.index_low, c3.index_high)],
+            "direction": ["loses more at low T" if e > 0 else "loses less at low T" for e in c3["index"]],
+        }
+    )
+    cols = [c for c in SYNTHESIS_COLUMNS if c != "instrument"]
+    return pd.concat([pairs[cols], c3[cols]], ignore_index=True)
 
 
 def instrument_verdict(verdicts: Sequence[str]) -> str:
@@ -716,18 +734,25 @@ def synthesis(by_instrument: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, pd.
 
 def synthesis_lines(answers: pd.DataFrame, rows: pd.DataFrame) -> list[str]:
     """One plain line per (claim, version) of :func:`synthesis`: the answer, then each
-    instrument's verdict with the directions it found (where one direction holds everywhere)."""
+    instrument's verdict with how many of its statistics hold or do not hold, in which direction,
+    and how many are inconclusive."""
     lines = []
     for a in answers.to_dict("records"):
         said = []
         for instrument, g in rows[(rows.claim == a["claim"]) & (rows.version == a["version"])].groupby(
             "instrument", sort=False
         ):
-            held = g[g.verdict == "holds"]
-            how = "; ".join(dict.fromkeys(held.direction))
-            if len(held) and len(held) < len(g):
-                how = f"holds in {len(held)} of {len(g)}: {how}"
-            said.append(f"{instrument}: {a[instrument]}" + (f" ({how})" if how else ""))
+            plural = {"holds": "hold", "does not hold": "do not hold"}
+            parts = [
+                f"{k} of {len(g)} {verdict if k == 1 else plural[verdict]}: {direction}"
+                for (verdict, direction), k in g[g.verdict != "inconclusive"]
+                .groupby(["verdict", "direction"])
+                .size()
+                .items()
+            ]
+            if (g.verdict == "inconclusive").any():  # an inconclusive statistic has no direction to report
+                parts.append(f"{(g.verdict == 'inconclusive').sum()} of {len(g)} inconclusive")
+            said.append(f"{instrument}: {a[instrument]} ({'; '.join(parts)})")
         words = CLAIM_WORDS.get((a["claim"], a["version"]), "")
         lines.append(
             f"{a['claim']} ({version_words(a['version'])}: {words}): {a['answer'].upper()}. " + "; ".join(said) + "."

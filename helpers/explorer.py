@@ -234,14 +234,17 @@ class LogitCache:
             return None
         path = Path(zoo.resolve(model))  # a Hub id stays a name: its weights are identified by name only
         weights = sorted((f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in path.glob("*.safetensors"))
-        key = repr((model, str(path), weights, method, self.device, self.compute_dtype, package_versions()))
+        settings = (method, self.device, self.compute_dtype, package_versions(), "one prompt per pass")
+        key = repr((model, str(path), weights, *settings))
         digest = hashlib.sha256(key.encode()).hexdigest()[:12]
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model)
         return Path(self.cache_dir) / f"{safe}__{method}__{digest}.pt"
 
-    def fill(self, model: str, prompts: Sequence[str], batch_size: int = 32) -> dict[str, Any]:
+    def fill(self, model: str, prompts: Sequence[str]) -> dict[str, Any]:
         """Compute (or read from disk) every method's logits for ``prompts``; return what it did:
-        ``seconds``, the methods ``computed`` and those ``read`` from disk."""
+        ``seconds``, the methods ``computed`` and those ``read`` from disk. One prompt per forward
+        pass (:func:`helpers.sweep.last_token_logits`): what one user gets, whatever the batch
+        would have done to a batch-dependent method."""
         start = time.perf_counter()
         computed, read = [], []
         prompts = list(dict.fromkeys(prompts))
@@ -257,7 +260,7 @@ class LogitCache:
                 continue
             net, tokenizer = self._model(model, method)
             with torch.inference_mode():
-                store.update(zip(missing, last_token_logits(net, tokenizer, missing, batch_size)))
+                store.update(zip(missing, last_token_logits(net, tokenizer, missing)))
             del net, tokenizer  # free this method's model before the next one is loaded (unless kept)
             computed.append(method)
             if path is not None:

@@ -77,8 +77,13 @@ def answer_token_ids(tokenizer, answers: list[str]) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def last_token_logits(model, tokenizer, prompts: list[str], batch_size: int = 32) -> torch.Tensor:
-    """Float32 logits at the last position of every prompt, ``[P, V]`` on the CPU."""
+def last_token_logits(model, tokenizer, prompts: list[str], batch_size: int = 1) -> torch.Tensor:
+    """Float32 logits at the last position of every prompt, ``[P, V]`` on the CPU.
+
+    By default one prompt per forward pass: what one user running one prompt gets. LLM.int8()
+    picks its 16-bit columns from every row of a batch, and the 4-bit CPU kernels also move with
+    the padding (notebook 02, section 5), so a batched pass gives a prompt the numbers of its
+    batch. ``batch_size > 1`` is faster and exact only for methods that compute every row alone."""
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out = []
@@ -212,6 +217,7 @@ class Sweep:
             "n_seeds": c.n_seeds,
             "base_seed": c.base_seed,
             "max_new_tokens": c.max_new_tokens,
+            "batch_size": c.batch_size,  # batch-dependent methods give a sequence the numbers of its batch
             "code": self.code["gen"],
         }
 
@@ -345,11 +351,12 @@ class Sweep:
     def _gen_groups(self, units: list[Unit]) -> list[list[Unit]]:
         """Consecutive generation units packed into groups of at most ``batch_size`` sequences, which
         are decoded together (a larger unit is a group of its own, decoded in several batches)."""
-        groups: list[list[Unit]] = []
-        size = 0
-        for unit in units:
+        greedy = [u for u in units if u.temperature == 0]  # one sequence at a time (see _generations)
+        groups: list[list[Unit]] = [greedy] if greedy else []
+        size = self.cfg.batch_size
+        for unit in [u for u in units if u.temperature != 0]:
             n = len(self._unit_jobs(unit.temperature))
-            if groups and size + n <= self.cfg.batch_size:
+            if groups and groups[-1] is not greedy and size + n <= self.cfg.batch_size:
                 groups[-1].append(unit)
                 size += n
             else:
@@ -366,9 +373,15 @@ class Sweep:
 
     def _generations(self, model_name, method, units, model, tok, ref_model) -> None:
         """Decode the sequences of ``units`` (one model and method) together, then score and store
-        each unit. Greedy decoding ignores top-k, so greedy units of several top-k share sequences."""
+        each unit. Greedy decoding ignores top-k, so greedy units of several top-k share sequences.
+
+        Greedy units decode one sequence at a time, as one user would: a batch-dependent method
+        (LLM.int8(), the 4-bit CPU kernels; notebook 02, section 5) gives a sequence the numbers of
+        its batch, and greedy text, where repetition loops show, follows every small change.
+        Sampled units decode ``batch_size`` sequences together; the ``batch`` column says which."""
         c = self.cfg
         prompts, longest, is_ref = self.gen_prompts, max(c.max_new_tokens), method == c.reference
+        batch = 1 if all(u.temperature == 0 for u in units) else c.batch_size
         decoded: dict[tuple, int] = {}  # (prompt index, sample, T, top-k that matters) -> generated row
         for unit in units:
             for i, s in self._unit_jobs(unit.temperature):
@@ -385,7 +398,7 @@ class Sweep:
                 [T for _, _, T, _ in keys],
                 [k for *_, k in keys],
                 longest,
-                c.batch_size,
+                batch,
                 with_nll=is_ref,
             ),
             c.device,
@@ -411,7 +424,9 @@ class Sweep:
                 for scores in score_generation(
                     tokens, nll[g], ref_tokens, c.max_new_tokens, eos, tok.decode, answer, bool(gen.finite[g])
                 ):
-                    rows.append({"prompt_id": p.id, "kind": p.kind, "sample": s, "seed": seeds[g], **scores})
+                    rows.append(
+                        {"prompt_id": p.id, "kind": p.kind, "sample": s, "seed": seeds[g], "batch": batch, **scores}
+                    )
             share = len(jobs) / n_jobs  # of the group's time, in proportion to the unit's sequences
             timing = {
                 "model": model_name,
@@ -426,7 +441,7 @@ class Sweep:
                 "group_sequences": len(keys),
                 "group_generate_s": gen_s,
                 "group_reference_s": ref_s,
-                "batch_size": c.batch_size,
+                "batch_size": batch,
                 "load_average": machine_load(),
             }
             self.gen_store.write(

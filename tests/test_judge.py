@@ -141,4 +141,18 @@ def test_synthesis_lines_name_every_instrument():
     rows, answers = analysis.synthesis({"running text": t("does not hold"), "greedy loops": t("holds")})
     (line,) = analysis.synthesis_lines(answers, rows)
     assert "DEPENDS ON THE INSTRUMENT" in line
-    assert "running text: does not hold" in line and "greedy loops: holds (loses more at low T)" in line
+    assert "running text: does not hold (1 of 1 does not hold: loses more at low T)" in line
+    assert "greedy loops: holds (1 of 1 holds: loses more at low T)" in line
+
+
+def test_cloze_rows_read_c3_per_method():
+    claims = pd.DataFrame([{"claim": c, "model": "m", "statistic": "x", "estimate": e, "ci_low": e - 0.1,
+                            "ci_high": e + 0.1, "verdict": "holds"} for c, e in (("C1", 0.2), ("C2", -0.3))])  # fmt: skip
+    index = pd.DataFrame([{"model": "m", "method": m, "index": e, "index_low": lo, "index_high": hi}
+                          for m, e, lo, hi in (("nf4", 0.18, 0.08, 0.31), ("nf4-dq", 0.17, 0.07, 0.3),
+                                               ("fp4", -0.08, -0.18, 0.01))])  # fmt: skip
+    rows = analysis.cloze_rows(claims, index).set_index(["claim", "subject"])
+    assert rows.verdict["C3", "nf4"] == "holds" and rows.verdict["C3", "fp4"] == "inconclusive"
+    assert ("C3", "nf4-dq") not in rows.index  # a replicate, not separate evidence
+    assert rows.direction["C2", "nf4 vs fp4"] == "fp4 falls behind nf4 more at high T"
+    assert rows.version["C1", "nf4 vs fp4"] == "both"

@@ -208,9 +208,33 @@ def test_generation_units_of_a_method_are_decoded_together(tmp_path, smol_path):
     assert (greedy[0] == greedy[5]).all()
     timings = run.timings()
     gen_t = timings[timings.unit == "gen"]
-    assert (gen_t.group_units == 4).all() and (gen_t.group_sequences == 2 + 2 * 4).all()
+    # greedy units decode one sequence at a time (what one user gets), sampled units together
+    greedy_t, sampled_t = gen_t[gen_t.temperature == 0], gen_t[gen_t.temperature > 0]
+    assert (greedy_t.group_units == 2).all() and (greedy_t.group_sequences == 2).all()
+    assert (greedy_t.batch_size == 1).all() and (gen[gen.temperature == 0].batch == 1).all()
+    assert (sampled_t.group_units == 2).all() and (sampled_t.group_sequences == 2 * 2 * 2).all()
+    assert (sampled_t.batch_size == 64).all() and (gen[gen.temperature > 0].batch == 64).all()
     assert gen_t.groupby("method").generate_s.sum().gt(0).all()
     # the reference's generations bring their own NLL: no reference pass for fp32
     assert (gen_t[gen_t.method == "fp32"].reference_s == 0).all() and (
         gen_t[gen_t.method == "nf4"].reference_s > 0
     ).all()
+
+
+@pytest.mark.models
+def test_single_user_logits_are_the_batch_1_logits(loaded):
+    """The exact analysis and the explorer compute one prompt per pass: for int8, whose outputs
+    depend on the batch, that equals each prompt alone exactly; a padded batch need not."""
+    from helpers.sweep import last_token_logits
+
+    model, tok = loaded("int8")
+    prompts = ["The capital of France is", "Once upon a time, in a small village by the sea, there lived a", "2 + 2 ="]
+    got = last_token_logits(model, tok, prompts)
+    with torch.inference_mode():
+        alone = [model(**tok(p, return_tensors="pt"), logits_to_keep=1).logits[0, -1].float() for p in prompts]
+    alone = torch.stack(alone)
+    assert torch.equal(got, alone)
+    batched = last_token_logits(model, tok, prompts, batch_size=len(prompts))
+    if torch.equal(batched, alone):
+        pytest.skip("int8 does not depend on the batch on this CPU: nothing for the batched path to get wrong")
+    assert (batched - alone).abs().max() > 1e-3
