@@ -304,3 +304,82 @@ def greedy_loop_claims(
                 }
             )
     return pd.DataFrame(rows)
+
+
+def plot_generations(
+    curve: pd.DataFrame,
+    judged: pd.DataFrame,
+    models: Sequence[str],
+    judges: dict[str, str],
+    methods: Sequence[str],
+    palette: dict[str, str],
+    bands: Sequence[tuple[Sequence[float], str]],
+    reference: str = "fp32",
+):
+    """Notebook 04's generations figure, one column per model. Rows 1-2: the relative loss ``R``
+    under the independent judge and the self-judge (``curve``: :func:`helpers.analysis.loss_curve`
+    rows with a ``measure`` column), per novel byte (solid, with intervals) and per byte (dotted),
+    greedy as separate markers and :data:`CONTROL` as a diamond; rows 3-4: every method's own loop
+    share and distinct-2 (``judged``, :func:`scored_views`). ``bands``: ``(band, colour)`` shaded
+    on every panel. Returns the figure."""
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    own = judged[judged.view == "self"].groupby(["model", "method", "temperature"])[["in_loop", "distinct_2"]].mean()
+    rows = [
+        ("independent", "R, independent judge\n(> 0: worse than fp32)"),
+        ("self", "R, self-judge\n(> 0: worse than fp32)"),
+    ]
+    fig, axes = plt.subplots(4, len(models), figsize=(6.4 * len(models), 12.5), sharex=True, squeeze=False)
+    for col, model in enumerate(models):
+        for row, (view, label) in enumerate(rows):
+            ax = axes[row, col]
+            for method in [*methods, CONTROL]:
+                for name, ls in (("bits per novel byte", "-"), ("bits per byte", ":")):
+                    t = curve[(curve.model == model) & (curve.view == view) & (curve.method == method)]
+                    t = t[t.measure == name].sort_values("temperature")
+                    if method == CONTROL:  # its per-byte R (about -0.6) would squeeze the axis: printed instead
+                        if ls == "-":
+                            err = [t.R - t.R_low, t.R_high - t.R]
+                            ax.errorbar(t.temperature, t.R, yerr=err, color=palette[method], marker="D", ms=6,
+                                        ls="none", capsize=3)  # fmt: skip
+                        continue
+                    hot, greedy = t[t.temperature > 0], t[t.temperature == 0]
+                    solid = ls == "-"
+                    ax.plot(hot.temperature, hot.R, color=palette[method], ls=ls, marker="o" if solid else None, ms=3,
+                            lw=1.8 if solid else 1, alpha=1 if solid else 0.8)  # fmt: skip
+                    ax.plot(greedy.temperature, greedy.R, color=palette[method], ls="none",
+                            marker="s" if solid else "_", ms=6)  # fmt: skip
+                    if solid:
+                        ax.fill_between(hot.temperature, hot.R_low, hot.R_high, color=palette[method], alpha=0.15, lw=0)
+            ax.axhline(0, color="black", lw=1)
+            ax.set_ylabel(label)
+        axes[0, col].set_title(f"{model}: judged by {judges.get(model, '?')}")
+        axes[1, col].set_title(f"{model}: judged by itself (fp32)")
+        for row, (metric, label) in enumerate((("in_loop", "share ending in a loop"), ("distinct_2", "distinct-2")), 2):
+            for method in [reference, *methods]:
+                t = own.loc[(model, method)][metric]
+                hot, greedy = t[t.index > 0], t[t.index == 0]
+                colour = palette.get(method, "black")
+                axes[row, col].plot(hot.index, hot.to_numpy(), color=colour, ls="--" if method == reference else "-",
+                                    marker="o", ms=3)  # fmt: skip
+                axes[row, col].plot(greedy.index, greedy.to_numpy(), color=colour, marker="s", ms=6)
+            axes[row, col].set_ylabel(label)
+        for ax in axes[:, col]:
+            for band, colour in bands:
+                ax.axvspan(*band, color=colour, alpha=0.3, lw=0)
+        axes[-1, col].set_xlabel("temperature T (0 = greedy)")
+    handles = [
+        *(Line2D([], [], color=palette[m], lw=1.8, label=m) for m in methods),
+        Line2D([], [], color=palette.get(reference, "black"), ls="--", label=f"{reference} (rows 3-4)"),
+        Line2D([], [], color="black", lw=1, label="R = 0: as good as fp32 (rows 1-2)"),
+        Line2D([], [], color="0.3", ls="-", label="R in bits per novel byte (the measure)"),
+        Line2D([], [], color="0.3", ls=":", label="R in bits per byte (likelihood alone)"),
+        Line2D([], [], color="0.3", marker="s", ls="none", label="greedy (T = 0)"),
+        Line2D([], [], color=palette[CONTROL], marker="D", ls="none", label=f"{CONTROL} control, per novel byte"),
+        *(Patch(color=colour, alpha=0.5, label=f"{name} band {list(band)}") for (band, colour), name in
+          zip(bands, ("low", "high"))),
+    ]  # fmt: skip
+    fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=9, bbox_to_anchor=(0.5, -0.05))
+    return fig
