@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -38,20 +37,21 @@ from .store import ResultStore, code_digest
 
 NOVEL_SPAN = 16  # bytes: a copy of at least this many bytes is repetition, not new text (about 3 words)
 LN2 = math.log(2)
-#: the generations' measure: bits per novel byte, relative to the reference's on the same prompts and seeds
-JUDGED = analysis.Measure(
-    ("bits", "novel_bytes"),
-    lambda bits, novel, ref_bits, ref_novel: (bits / novel) / (ref_bits / ref_novel) - 1,
-    ("prompt_id",),
-    lambda s, p: s[f"{p}bits"] / s[f"{p}novel_bytes"],
-)
-#: likelihood alone (rewards loops): bits per byte, relative to the reference's
-PER_BYTE = analysis.Measure(
-    ("bits", "bytes"),
-    lambda bits, n, ref_bits, ref_n: (bits / n) / (ref_bits / ref_n) - 1,
-    ("prompt_id",),
-    lambda s, p: s[f"{p}bits"] / s[f"{p}bytes"],
-)
+
+
+def bits_per(column: str) -> analysis.Measure:
+    """The judge's bits per ``column`` (summed over a prompt's seeds) relative to the reference's on
+    the same prompts and seeds: ``R = (bits / column) / (ref_bits / ref_column) - 1``."""
+    return analysis.Measure(
+        ("bits", column),
+        lambda bits, n, ref_bits, ref_n: (bits / n) / (ref_bits / ref_n) - 1,
+        ("prompt_id",),
+        lambda s, p: s[f"{p}bits"] / s[f"{p}{column}"],
+    )
+
+
+JUDGED = bits_per("novel_bytes")  #: the generations' measure: bits per novel byte
+PER_BYTE = bits_per("bytes")  #: likelihood alone (rewards loops): bits per byte
 CONTROL = "ctrl-repeat"  # the control of a degenerate text (:func:`repeated_phrase_control`)
 
 
@@ -191,11 +191,13 @@ def judge_generations(
     unit_by = ["model", "method", "temperature", "top_k"]
     groups = {key: g for key, g in gen.groupby(unit_by)}
 
-    def key(judge: str, unit: tuple, g: pd.DataFrame) -> dict[str, Any]:
-        return {"judge": judge, **dict(zip(unit_by, unit)), "texts": _texts_digest(g), "code": code}
-
+    keys = {
+        u: {"judge": judges[u[0]], **dict(zip(unit_by, u)), "texts": _texts_digest(g), "code": code}
+        for u, g in groups.items()
+        if u[0] in judges
+    }
     for model, judge in judges.items():
-        todo = {u: g for u, g in groups.items() if u[0] == model and not store.done(key(judge, u, g))}
+        todo = {u: g for u, g in groups.items() if u[0] == model and not store.done(keys[u])}
         if not todo:
             continue
         pairs = list(dict.fromkeys((prompt_text[p], t) for g in todo.values() for p, t in zip(g.prompt_id, g.text)))
@@ -214,9 +216,9 @@ def judge_generations(
             rows.insert(0, "judge_tokens", [s[1] for s in scored])
             rows.insert(0, "sample", g["sample"].to_numpy())
             rows.insert(0, "prompt_id", g.prompt_id.to_numpy())
-            store.write(key(judge, unit, g), rows, notebook="04_temperature_sensitivity", device=device)
+            store.write(keys[unit], rows, notebook="04_temperature_sensitivity", device=device)
         del judge_model
-    wanted = {tuple(key(judges[u[0]], u, g).values()) for u, g in groups.items() if u[0] in judges}
+    wanted = {tuple(k.values()) for k in keys.values()}
     out = store.read()
     fields = ["judge", *unit_by, "texts", "code"]
     return out[[tuple(r) in wanted for r in out[fields].itertuples(index=False)]].reset_index(drop=True)
@@ -306,9 +308,15 @@ def greedy_loop_claims(
     return pd.DataFrame(rows)
 
 
+def own_rates(judged: pd.DataFrame) -> pd.DataFrame:
+    """Every method's own loop share and distinct-2 per (model, method, T), from the judged
+    generations (:func:`scored_views`; one view, so each generation counts once)."""
+    return judged[judged.view == "self"].groupby(["model", "method", "temperature"])[["in_loop", "distinct_2"]].mean()
+
+
 def plot_generations(
     curve: pd.DataFrame,
-    judged: pd.DataFrame,
+    rates: pd.DataFrame,
     models: Sequence[str],
     judges: dict[str, str],
     methods: Sequence[str],
@@ -320,13 +328,12 @@ def plot_generations(
     under the independent judge and the self-judge (``curve``: :func:`helpers.analysis.loss_curve`
     rows with a ``measure`` column), per novel byte (solid, with intervals) and per byte (dotted),
     greedy as separate markers and :data:`CONTROL` as a diamond; rows 3-4: every method's own loop
-    share and distinct-2 (``judged``, :func:`scored_views`). ``bands``: ``(band, colour)`` shaded
+    share and distinct-2 (``rates``, :func:`own_rates`). ``bands``: ``(band, colour)`` shaded
     on every panel. Returns the figure."""
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    own = judged[judged.view == "self"].groupby(["model", "method", "temperature"])[["in_loop", "distinct_2"]].mean()
     rows = [
         ("independent", "R, independent judge\n(> 0: worse than fp32)"),
         ("self", "R, self-judge\n(> 0: worse than fp32)"),
@@ -359,7 +366,7 @@ def plot_generations(
         axes[1, col].set_title(f"{model}: judged by itself (fp32)")
         for row, (metric, label) in enumerate((("in_loop", "share ending in a loop"), ("distinct_2", "distinct-2")), 2):
             for method in [reference, *methods]:
-                t = own.loc[(model, method)][metric]
+                t = rates.loc[(model, method)][metric]
                 hot, greedy = t[t.index > 0], t[t.index == 0]
                 colour = palette.get(method, "black")
                 axes[row, col].plot(hot.index, hot.to_numpy(), color=colour, ls="--" if method == reference else "-",
