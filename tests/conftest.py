@@ -10,15 +10,23 @@ from helpers import methods, runtime
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``gpu`` run only where torch sees a CUDA device."""
+    """Tests marked ``gpu`` run only where torch sees a CUDA device; tests marked ``qwen`` only
+    where the Qwen2.5-Coder 0.5B model is prepared (``make test`` never downloads it)."""
     import torch
 
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    from helpers import models
+
+    skips = {}
+    if not torch.cuda.is_available():
+        skips["gpu"] = pytest.mark.skip(reason="needs a CUDA device")
+    if not (models.models_dir() / "qwen2.5-coder-0.5b" / models.MANIFEST).exists():
+        skips["qwen"] = pytest.mark.skip(
+            reason="needs the prepared Qwen2.5-Coder 0.5B: python -m helpers.models prepare qwen2.5-coder-0.5b"
+        )
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        for marker, skip in skips.items():
+            if marker in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="session", autouse=True)

