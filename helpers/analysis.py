@@ -758,3 +758,22 @@ def synthesis_lines(answers: pd.DataFrame, rows: pd.DataFrame) -> list[str]:
             f"{a['claim']} ({version_words(a['version'])}: {words}): {a['answer'].upper()}. " + "; ".join(said) + "."
         )
     return lines
+
+
+def int8_cost_words(weights: tuple[float, float, float], full: tuple[float, float, float]) -> str:
+    """What LLM.int8()'s perplexity cost is made of, in words, from two ``(estimate, low, high)``
+    changes in percent: weights alone (simulated weight-only int8) and weights with activations
+    (bitsandbytes). Only a change whose 95% interval excludes 0 counts as a cost."""
+    w, w_lo, w_hi = weights
+    f, f_lo, f_hi = full
+    if f_lo <= 0 <= f_hi:
+        return f"int8 costs no perplexity this text can resolve (weights and activations {f:+.1f}% [{f_lo:+.1f}, {f_hi:+.1f}])"
+    if f < 0:
+        return f"int8 lowers perplexity here ({f:+.1f}% [{f_lo:+.1f}, {f_hi:+.1f}])"
+    if w_lo <= 0 <= w_hi:
+        return f"the weights alone cost nothing resolvable ({w:+.1f}%), so activation quantization is int8's cost ({f:+.1f}%)"
+    share = (f - w) / f
+    part = "most" if share > 0.5 else "less than half"
+    return (
+        f"weights alone {w:+.1f}%, weights and activations {f:+.1f}%: activation quantization is {part} of int8's cost"
+    )

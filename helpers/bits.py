@@ -252,6 +252,34 @@ def mean_ci(values: np.ndarray, tokens: np.ndarray, **kw) -> tuple[float, float,
     return columns_ci({"v": values, "n": tokens}, lambda c: c["v"] / c["n"], **kw)
 
 
+def cost_by_size(
+    scored: dict[tuple[str, str], np.ndarray], reps: pd.DataFrame, reference: str = "fp32", **kw
+) -> pd.DataFrame:
+    """The cost of each precision against model size: for every (model, method) scored besides the
+    reference, the relative increase of its log-loss over the same model's reference on the same
+    spans (``sum nll / sum nll_ref - 1``, equal to the relative change in bits per byte), with its
+    paired interval. ``reps``: one row per (model, method) with ``params`` and ``model_family``."""
+    rows = []
+    for r in reps.itertuples():
+        if r.method == reference or (r.model, r.method) not in scored or (r.model, reference) not in scored:
+            continue
+        cols = {"m": scored[(r.model, r.method)], "ref": scored[(r.model, reference)]}
+        est, low, high = columns_ci(cols, lambda c: c["m"] / c["ref"] - 1, **kw)
+        rows.append(
+            {
+                "model": r.model,
+                "model_family": r.model_family,
+                "params": r.params,
+                "method": r.method,
+                "family": r.family,
+                "logloss_increase": est,
+                "low": low,
+                "high": high,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
 # --------------------------------------------------------------------------- families and the verdict
 def precision_family(method: str) -> str:
     """``fp32``, ``16-bit`` (bf16, fp16), ``int8`` (int8, int8-noout), ``nf4`` (nf4, nf4-dq) or
@@ -276,23 +304,26 @@ def family_members(methods: Iterable[str]) -> dict[str, list[str]]:
     return out
 
 
-def equal_memory_pairs(table: pd.DataFrame, max_precision_bits: float = 16) -> pd.DataFrame:
+def equal_memory_pairs(table: pd.DataFrame, max_precision_bits: float = 16, tolerance: float = 0.0) -> pd.DataFrame:
     """Candidate pairs for the equal-memory claim.
 
     ``table``: one row per (model, family) with ``model``, ``family``, ``params``,
-    ``precision_bits`` (nominal bits per quantized weight) and ``total_bits``. A pair is the
-    larger model (more parameters) at a family of fewer precision bits against the smaller model
-    at a family of more, both at ``<= max_precision_bits`` (deployment precisions). Columns:
-    ``larger``, ``larger_family``, ``smaller``, ``smaller_family``, both ``*_bits``,
-    ``memory_ratio`` (larger / smaller) and ``eligible`` (the larger needs no more bits).
+    ``precision_bits`` (nominal bits per quantized weight) and ``total_bits``, optionally
+    ``model_family`` (the architecture, e.g. ``qwen2``). A pair is the larger model (more
+    parameters) at a family of fewer precision bits against the smaller model at a family of
+    more, both at ``<= max_precision_bits``. Columns: ``larger``, ``larger_family``, ``smaller``,
+    ``smaller_family``, both ``*_bits``, ``memory_ratio`` (larger / smaller), ``eligible`` (the
+    larger needs at most ``1 + tolerance`` times the bits) and ``same_family`` (one model family:
+    the pair differs in size and precision only; always true without ``model_family``).
     """
     need = {"model", "family", "params", "precision_bits", "total_bits"}
     if need - set(table.columns):
         raise ValueError(f"table lacks columns {sorted(need - set(table.columns))}")
     t = table[table.precision_bits <= max_precision_bits]
+    arch = t.model_family if "model_family" in t else pd.Series("", index=t.index)
     rows = []
-    for L in t.itertuples():
-        for S in t.itertuples():
+    for L, L_arch in zip(t.itertuples(), arch):
+        for S, S_arch in zip(t.itertuples(), arch):
             if L.params > S.params and L.precision_bits < S.precision_bits:
                 rows.append(
                     {
@@ -303,22 +334,12 @@ def equal_memory_pairs(table: pd.DataFrame, max_precision_bits: float = 16) -> p
                         "larger_bits": L.total_bits,
                         "smaller_bits": S.total_bits,
                         "memory_ratio": L.total_bits / S.total_bits,
-                        "eligible": L.total_bits <= S.total_bits,
+                        "eligible": L.total_bits <= S.total_bits * (1 + tolerance),
+                        "same_family": L_arch == S_arch,
                     }
                 )
-    return pd.DataFrame(
-        rows,
-        columns=[
-            "larger",
-            "larger_family",
-            "smaller",
-            "smaller_family",
-            "larger_bits",
-            "smaller_bits",
-            "memory_ratio",
-            "eligible",
-        ],
-    )
+    columns = ["larger", "larger_family", "smaller", "smaller_family", "larger_bits", "smaller_bits"]
+    return pd.DataFrame(rows, columns=[*columns, "memory_ratio", "eligible", "same_family"])
 
 
 def pair_outcome(low: float, high: float) -> str:
@@ -335,9 +356,11 @@ def equal_memory_verdict(pairs: pd.DataFrame, n_models: int = 2) -> tuple[str, s
     """``(verdict, why)`` from :func:`equal_memory_pairs` rows with ``diff_low``/``diff_high`` (the
     interval of the bits-per-byte difference, larger minus smaller) for the eligible ones.
 
-    holds: every eligible pair favours the larger model; does not hold: none does and at least
-    one favours the smaller; inconclusive: otherwise; cannot be tested (at this scale): one model,
-    or no pair in which the larger model needs no more bits.
+    Decided on the eligible pairs inside one model family (where size and precision are all that
+    differ); pairs across families are confounded by tokenizer and training data and never
+    decide. holds: every deciding pair favours the larger model; does not hold: none does and at
+    least one favours the smaller; inconclusive: otherwise; cannot be tested (at this scale): one
+    model, or no eligible pair inside a family.
     """
     if n_models < 2:
         return "cannot be tested", "only one model"
@@ -346,20 +369,51 @@ def equal_memory_verdict(pairs: pd.DataFrame, n_models: int = 2) -> tuple[str, s
             "cannot be tested at this scale",
             "no pair of a larger model at a lower precision and a smaller one at a higher",
         )
-    eligible = pairs[pairs.eligible.astype(bool)]
-    if eligible.empty:
-        best = pairs.loc[pairs.memory_ratio.idxmin()]
+    same = pairs.same_family.astype(bool) if "same_family" in pairs else pd.Series(True, index=pairs.index)
+    deciding = pairs[pairs.eligible.astype(bool) & same]
+    if deciding.empty:
+        pool = pairs[same] if same.any() else pairs
+        best = pool.loc[pool.memory_ratio.idxmin()]
+        where = "" if same.all() else " inside one model family"
         return (
             "cannot be tested at this scale",
-            f"no pair at equal memory: the closest, {best.larger} {best.larger_family} vs {best.smaller} "
+            f"no pair at equal memory{where}: the closest, {best.larger} {best.larger_family} vs {best.smaller} "
             f"{best.smaller_family}, needs {best.memory_ratio:.2f}x the bits ({best.larger_bits / 1e6:.0f} vs "
             f"{best.smaller_bits / 1e6:.0f} Mbit)",
         )
-    outcomes = [pair_outcome(lo, hi) for lo, hi in zip(eligible.diff_low, eligible.diff_high)]
+    outcomes = [pair_outcome(lo, hi) for lo, hi in zip(deciding.diff_low, deciding.diff_high)]
     n, k_large, k_small = len(outcomes), outcomes.count("larger better"), outcomes.count("smaller better")
     verdict = "holds" if k_large == n else "does not hold" if k_large == 0 and k_small > 0 else "inconclusive"
+    within = "" if same.all() else " inside one model family"
     why = (
-        f"{k_large} of {n} equal-memory pairs (one per precision family) favour the larger model, {k_small} the "
-        f"smaller, {n - k_large - k_small} not resolved by the 95% paired interval"
+        f"{k_large} of {n} equal-memory pairs{within} (one per precision family) favour the larger model, {k_small} "
+        f"the smaller, {n - k_large - k_small} not resolved by the 95% paired interval"
     )
     return verdict, why
+
+
+def combined_verdict(verdicts: dict[str, str]) -> str:
+    """One verdict over analysis choices (e.g. memory conventions): the verdict they share where
+    every testable choice agrees (naming the choices where only some can test it), ``depends on ...``
+    where they differ, ``cannot be tested`` where none can test it."""
+    testable = {k: v for k, v in verdicts.items() if not v.startswith("cannot be tested")}
+    if not testable:
+        return "cannot be tested at this scale"
+    if len(set(testable.values())) == 1:
+        verdict = next(iter(testable.values()))
+        return verdict if len(testable) == len(verdicts) else f"{verdict} ({' and '.join(testable)} only)"
+    return "depends on the memory convention (" + "; ".join(f"{k}: {v}" for k, v in testable.items()) + ")"
+
+
+def budget_pair(reps: pd.DataFrame) -> tuple[str, str]:
+    """``(smaller, larger)`` model for the equal-memory reference lines: the smallest and largest
+    model of the model family with the most models (ties: the family holding the largest model),
+    or of all models when no ``model_family`` column is given."""
+    sizes = reps.groupby("model").params.first()
+    if "model_family" in reps:
+        arch = reps.groupby("model").model_family.first()
+        counts = arch.value_counts()
+        best = max(counts.index, key=lambda a: (counts[a], sizes[arch == a].max()))
+        sizes = sizes[arch == best]
+    ordered = sizes.sort_values().index
+    return ordered[0], ordered[-1]

@@ -152,8 +152,8 @@ def evaluate_method(
     """Load one (model, method) and measure its row of notebook 01's methods table.
 
     Storage and bits are read before the first forward pass (some CPU kernels repack 4-bit weights
-    then); the weight SQNR compares the dequantized layers with ``fp32_weights(names)`` (``{name +
-    ".weight": tensor}``; None skips it); perplexity on ``text`` (None skips it); a seeded
+    then); the weight SQNR compares each dequantized layer with ``fp32_weights([name])`` (``{name +
+    ".weight": tensor}``, asked one layer at a time; None skips it); perplexity on ``text`` (None skips it); a seeded
     continuation with ``generation`` (prompt, max_new_tokens, temperature, top_k, seed).
     Returns ``(row, continuation, per-token NLL or None)``.
     """
@@ -164,11 +164,10 @@ def evaluate_method(
     report = qz.storage_report(model)
     noise = qz.WeightNoise()
     if spec.quantized and fp32_weights is not None:
-        dequantized = dict(qz.dequantized_linears(model))  # also before the first forward
-        reference = fp32_weights(list(dequantized))
-        for name, deq in dequantized.items():
-            noise.add(reference[f"{name}.weight"], deq)
-        del dequantized
+        # one layer at a time (also before the first forward): an fp32 copy of every layer of a 1.5B
+        # model is 5 GiB, twice that with its dequantized twin
+        for name, deq in qz.dequantized_linears(model):
+            noise.add(fp32_weights([name])[f"{name}.weight"], deq)
     fused = qz.cpu_fused_4bit(model)  # this CPU's 4-bit kernel: fused bf16, or dequantize + matmul
     layers = registry.layer_summary(model)
     eval_s, ppl = timed(

@@ -18,8 +18,8 @@ fp4-dq     fp4 with double quantization
 
 **What stays unquantized.** As in Hugging Face (and unlike lit-gpt, which quantized every
 Linear), bitsandbytes replaces only the ``nn.Linear`` layers inside the transformer blocks.
-The token embedding, the norms and ``lm_head`` (tied to the embedding in both embedded
-models) stay in the *compute dtype*. :func:`unquantized_parameters` lists them.
+The token embedding, the norms and ``lm_head`` (tied to the embedding in SmolLM2 and Gemma-3,
+a separate matrix as large as the embedding in Qwen2.5-Coder) stay in the *compute dtype*. :func:`unquantized_parameters` lists them.
 
 **Compute dtype.** ``"auto"`` means float32 on CPU and bfloat16 (4-bit) / float16 (int8,
 as in the LLM.int8() paper) on CUDA. On the CPUs here, bf16/fp16 matmuls are several times

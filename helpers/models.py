@@ -551,6 +551,15 @@ def resolve(name: str, prepare_missing: bool = True) -> str:
     return str(Path(name).expanduser()) if kind == "folder" else name
 
 
+def architecture(name: str) -> str:
+    """The ``model_type`` in a model's config (``llama``, ``gemma3_text``, ``qwen2``): models of one
+    architecture are one model family on the size axis (same tokenizer and maker for the embedded
+    ones), so they differ in size alone."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(resolve(name)).model_type
+
+
 class ModelUnavailableError(ValueError):
     """A model named in the parameters cannot be loaded on this machine as it is now."""
 

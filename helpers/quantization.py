@@ -307,7 +307,8 @@ def distinct_values_per_block(weight: torch.Tensor, blocksize: int) -> torch.Ten
 # --------------------------------------------------------------------------- weight-only simulation
 def quantizable_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
     """The ``nn.Linear`` layers a bitsandbytes load quantizes: every one except the output
-    embedding (``lm_head``, tied to the token embedding in the embedded models)."""
+    embedding (``lm_head``: tied to the token embedding in SmolLM2 and Gemma-3, its own matrix in
+    Qwen2.5-Coder)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
 

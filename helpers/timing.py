@@ -31,7 +31,7 @@ import hashlib
 import re
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -479,9 +479,20 @@ def litgpt_a100_summary() -> pd.DataFrame:
     )
 
 
-def _speed_groups(summary: pd.DataFrame):
+def non_finite_methods(methods_table: pd.DataFrame) -> set[tuple[str, str]]:
+    """``(model, method)`` pairs whose forward pass gave non-finite logits in notebook 01's methods
+    table (fp16 on Gemma-3 overflows): fast output that cannot be used is no speed reference."""
+    bad = methods_table[~methods_table.finite_logits.astype(bool)]
+    return set(zip(bad.model, bad.method))
+
+
+def _speed_groups(summary: pd.DataFrame, exclude: Iterable[tuple[str, str]] = ()):
     """``(keys, [(key values, method -> median decode tokens/s, best 16-bit method)])`` for the
-    groups of ``summary`` that hold a 16-bit method (the others cannot be judged)."""
+    groups of ``summary`` that hold a 16-bit method (the others cannot be judged); the
+    ``(model, method)`` pairs in ``exclude`` are left out."""
+    exclude = set(exclude)
+    if exclude:
+        summary = summary[[(m, k) not in exclude for m, k in zip(summary.model, summary.method)]]
     keys = [k for k in _GROUP_KEYS if k in summary.columns]
     out = []
     for values, g in summary.groupby(keys, sort=False):
@@ -492,11 +503,12 @@ def _speed_groups(summary: pd.DataFrame):
     return keys, out
 
 
-def speed_ratios(summary: pd.DataFrame) -> pd.DataFrame:
+def speed_ratios(summary: pd.DataFrame, exclude: Iterable[tuple[str, str]] = ()) -> pd.DataFrame:
     """Each method's median decode speed over the best unquantized 16-bit method's (``bf16`` or
-    ``fp16``) of the same (hardware class,) model and batch: columns ``[hardware_class,] model,
-    batch, method, decode_tokens_per_s, best_16bit, ratio_to_16bit``."""
-    keys, groups = _speed_groups(summary)
+    ``fp16``) of the same (hardware class,) model and batch, without the ``(model, method)``
+    pairs in ``exclude``: columns ``[hardware_class,] model, batch, method, decode_tokens_per_s,
+    best_16bit, ratio_to_16bit``."""
+    keys, groups = _speed_groups(summary, exclude)
     rows = [
         {**k, "method": m, "decode_tokens_per_s": v, "best_16bit": best, "ratio_to_16bit": v / speed[best]}
         for k, speed, best in groups
@@ -505,7 +517,7 @@ def speed_ratios(summary: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=[*keys, "method", "decode_tokens_per_s", "best_16bit", "ratio_to_16bit"])
 
 
-def c4_c5_verdicts(summary: pd.DataFrame) -> pd.DataFrame:
+def c4_c5_verdicts(summary: pd.DataFrame, exclude: Iterable[tuple[str, str]] = ()) -> pd.DataFrame:
     """Roy (2023)'s speed claims per (hardware class,) model and batch, from median decode speeds.
 
     **C4** (int8 inference is much slower) holds if int8 decodes at less than
@@ -514,9 +526,10 @@ def c4_c5_verdicts(summary: pd.DataFrame) -> pd.DataFrame:
     "inconclusive" within :data:`C5_TIE` of it. Columns ``claim, [hardware_class,] model, batch,
     verdict, ratio, numbers``; ``ratio`` is int8 / best 16-bit (C4) or fastest other method /
     best 16-bit (C5). Groups without bf16 or fp16 get no verdict, groups without int8 no C4, groups
-    with 16-bit methods only no C5.
+    with 16-bit methods only no C5. The ``(model, method)`` pairs in ``exclude`` (e.g.
+    :func:`non_finite_methods`) are neither reference nor competitor.
     """
-    keys, groups = _speed_groups(summary)
+    keys, groups = _speed_groups(summary, exclude)
     rows = []
     for k, speed, best in groups:
         base = speed[best]
@@ -547,6 +560,17 @@ def c4_c5_verdicts(summary: pd.DataFrame) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows, columns=["claim", *keys, "verdict", "ratio", "numbers"])
+
+
+def verdict_counts(verdicts: list[str]) -> str:
+    """Several models' verdicts on one claim in a few words: the verdict itself where all agree,
+    else how many models each verdict has (``holds on 3, does not hold on 1 of 4 models``)."""
+    counts = dict.fromkeys(verdicts, 0)
+    for v in verdicts:
+        counts[v] += 1
+    if len(counts) == 1:
+        return verdicts[0]
+    return ", ".join(f"{v} on {k}" for v, k in counts.items()) + f" of {len(verdicts)} models"
 
 
 def side_by_side(verdicts: pd.DataFrame, reference: pd.DataFrame | None = None) -> pd.DataFrame:

@@ -128,3 +128,16 @@ def test_cloze_claims_by_hand():
     assert half.verdict["C1"] == "does not hold"
     assert half.estimate["C2"] == pytest.approx(0.5) and half.verdict["C2"] == "holds"  # R_fp4 - R_nf4: 0.5 low, 0 high
     assert set(half.overall) <= set(analysis.VERDICTS)
+
+
+def test_int8_cost_words_only_counts_resolved_costs():
+    from helpers.analysis import int8_cost_words
+
+    # both within noise (Qwen-1.5B-like): no claim about what the cost is made of
+    assert int8_cost_words((-0.0, -0.5, 0.5), (-0.4, -1.0, 0.3)).startswith("int8 costs no perplexity")
+    # weights alone unresolved, full cost resolved: activations are the cost
+    assert "activation quantization is int8's cost (+1.5%)" in int8_cost_words((0.0, -0.4, 0.4), (1.5, 0.1, 3.0))
+    # both resolved: 2.4 - 0.5 = 1.9 of 2.4 is most; 0.6 - 0.4 = 0.2 of 0.6 is less than half
+    assert int8_cost_words((0.5, 0.03, 0.9), (2.4, 1.1, 3.9)).endswith("activation quantization is most of int8's cost")
+    assert "less than half" in int8_cost_words((0.4, 0.1, 0.8), (0.6, 0.2, 1.0))
+    assert int8_cost_words((0.1, 0.0, 0.2), (-2.0, -3.0, -1.0)).startswith("int8 lowers perplexity")

@@ -206,3 +206,64 @@ def test_equal_memory_verdict_by_hand():
     assert bits.equal_memory_verdict(far, n_models=1) == ("cannot be tested", "only one model")
     assert bits.equal_memory_verdict(far.iloc[:0])[0] == "cannot be tested at this scale"
     assert bits.pair_outcome(-0.1, 0.0) == "not resolved" and bits.pair_outcome(0.01, 0.1) == "smaller better"
+
+
+def test_equal_memory_is_decided_inside_one_model_family():
+    """Four models, two families: only the pair of one family (size and precision all that differ)
+    decides; an eligible pair across families is listed but never decides."""
+    prec = {"16-bit": 16, "nf4": 4.5}
+    rows = [
+        ("A-small", "llama", 100, "16-bit", 1600),
+        ("B-mid", "gemma", 200, "nf4", 1000),
+        ("Q-small", "qwen2", 300, "16-bit", 4800),
+        ("Q-large", "qwen2", 900, "nf4", 4900),
+    ]
+    table = pd.DataFrame(
+        [
+            {"model": m, "model_family": a, "params": p, "family": f, "precision_bits": prec[f], "total_bits": b}
+            for m, a, p, f, b in rows
+        ]
+    )
+    pairs = bits.equal_memory_pairs(table)
+    key = list(zip(pairs.larger, pairs.smaller))
+    assert key == [("B-mid", "A-small"), ("Q-large", "A-small"), ("Q-large", "Q-small")]
+    assert pairs.same_family.tolist() == [False, False, True]
+    assert pairs.eligible.tolist() == [True, False, False]  # 4900 > 4800
+    # strictly, the Qwen pair needs 2% more bits: not testable inside a family, whatever B-mid shows
+    decided = pairs.assign(diff_low=[-0.3, -0.3, -0.3], diff_high=[-0.1, -0.1, -0.1])
+    verdict, why = bits.equal_memory_verdict(decided, n_models=4)
+    assert verdict == "cannot be tested at this scale"
+    assert "inside one model family" in why and "Q-large nf4 vs Q-small 16-bit, needs 1.02x" in why
+    # with a 5% tolerance the Qwen pair decides alone
+    tolerant = bits.equal_memory_pairs(table, tolerance=0.05)
+    assert tolerant.eligible.tolist() == [True, False, True]
+    verdict, why = bits.equal_memory_verdict(tolerant.assign(diff_low=[-0.3, 0, 0.1], diff_high=[-0.1, 0, 0.2]), 4)
+    assert verdict == "does not hold" and why.startswith("0 of 1 equal-memory pairs inside one model family")
+    assert bits.budget_pair(table) == ("Q-small", "Q-large")
+    assert bits.budget_pair(table.drop(columns="model_family")) == ("A-small", "Q-large")
+
+
+def test_combined_verdict_over_conventions():
+    assert bits.combined_verdict({"as measured": "holds", "as deployed": "holds"}) == "holds"
+    one = bits.combined_verdict({"as measured": "holds", "as deployed": "cannot be tested at this scale"})
+    assert one == "holds (as measured only)"
+    both = bits.combined_verdict({"as measured": "holds", "as deployed": "does not hold"})
+    assert both == "depends on the memory convention (as measured: holds; as deployed: does not hold)"
+    assert bits.combined_verdict({"a": "cannot be tested", "b": "cannot be tested at this scale"}).startswith("cannot")
+
+
+def test_cost_by_size_is_paired_against_the_models_own_reference():
+    reps = pd.DataFrame(
+        [
+            {"model": "A", "model_family": "x", "params": 100, "method": m, "family": f}
+            for m, f in (("fp32", "fp32"), ("nf4", "nf4"), ("int8", "int8"))
+        ]
+    )
+    ref = np.array([10.0, 20.0, 30.0, 40.0])
+    scored = {("A", "fp32"): ref, ("A", "nf4"): ref * 1.25}  # int8 not scored: no row
+    out = bits.cost_by_size(scored, reps, n_boot=200, seed=0)
+    assert out.method.tolist() == ["nf4"]
+    row = out.iloc[0]
+    # every span costs exactly 25% more: the estimate and both ends of the paired interval are 0.25
+    assert (row.logloss_increase, row.low, row.high) == pytest.approx((0.25, 0.25, 0.25))
+    assert row.params == 100 and row.model_family == "x"

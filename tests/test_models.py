@@ -282,3 +282,34 @@ def test_qwen_05b_conversion_matches_the_gguf_load(tmp_path):
         del ours
         theirs = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
         assert torch.equal(theirs(ids).logits, want)
+
+
+@pytest.mark.qwen
+def test_qwen_nf4_memory_accounting_matches_its_tensors():
+    """The storage report of Qwen2.5-Coder 0.5B in nf4 against bytes computed from the shapes in its
+    prepared safetensors: 4-bit codes (half a byte per weight), one fp32 absmax per block of 64 plus a
+    16-entry fp32 codebook per layer, and every other tensor (embedding, separate head, norms, biases)
+    at fp32."""
+    import math
+
+    from safetensors import safe_open
+
+    from helpers import methods
+    from helpers.quantization import storage_report
+
+    folder = models.models_dir() / "qwen2.5-coder-0.5b"
+    shapes = {}
+    for shard in folder.glob("*.safetensors"):
+        with safe_open(shard, framework="pt") as fh:
+            shapes.update({k: fh.get_slice(k).get_shape() for k in fh.keys()})
+    linear = {k: math.prod(s) for k, s in shapes.items() if ".layers." in k and k.endswith("proj.weight")}
+    other = {k: math.prod(s) for k, s in shapes.items() if k not in linear}
+    assert other["lm_head.weight"] == other["model.embed_tokens.weight"] == 151936 * 896  # separate head
+    model, _ = methods.load("qwen2.5-coder-0.5b", "nf4", device="cpu")
+    report = storage_report(model)
+    assert report.quantized_params == sum(linear.values())
+    assert report.quantized_payload_bytes == sum(linear.values()) // 2
+    assert report.quant_state_bytes == sum(4 * n // 64 + 4 * 16 for n in linear.values())
+    assert report.other_params == sum(other.values())
+    rotary = report.other_bytes - 4 * sum(other.values())  # buffers: the rotary inverse frequencies
+    assert 0 <= rotary <= 4 * 64

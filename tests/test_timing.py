@@ -449,3 +449,35 @@ def test_recounted_memory_must_match_the_stored_runs():
     runs["weights_MiB"] = memory.memory_breakdown(_tiny_model())["weights_MiB"]
     out = memory.add_memory_breakdown(runs, lambda m, x: (_tiny_model(), None))
     assert out.embedding_MiB.iloc[0] * 2**20 == 64 * 16 * 4
+
+
+def test_verdict_counts_names_each_verdict_once():
+    from helpers.timing import verdict_counts
+
+    assert verdict_counts(["holds", "holds"]) == "holds"
+    assert verdict_counts(["holds", "holds", "does not hold", "holds"]) == "holds on 3, does not hold on 1 of 4 models"
+
+
+def test_a_method_with_non_finite_output_is_no_speed_reference():
+    """fp16 overflows on Gemma-3: its fast decoding must not set the 16-bit reference."""
+    import pandas as pd
+
+    from helpers.timing import c4_c5_verdicts, non_finite_methods, speed_ratios
+
+    summary = pd.DataFrame(
+        {
+            "model": ["g"] * 4,
+            "batch": [1] * 4,
+            "method": ["bf16", "fp16", "int8", "nf4"],
+            "decode_tokens_per_s": [14.0, 21.0, 7.0, 10.5],
+        }
+    )
+    methods = pd.DataFrame({"model": ["g", "g"], "method": ["bf16", "fp16"], "finite_logits": [True, False]})
+    exclude = non_finite_methods(methods)
+    assert exclude == {("g", "fp16")}
+    plain = c4_c5_verdicts(summary).set_index("claim")
+    assert plain.loc["C4", "ratio"] == pytest.approx(7 / 21) and plain.loc["C4", "verdict"] == "holds"
+    fixed = c4_c5_verdicts(summary, exclude).set_index("claim")
+    assert fixed.loc["C4", "ratio"] == pytest.approx(0.5) and fixed.loc["C4", "verdict"] == "does not hold"
+    assert fixed.loc["C5", "ratio"] == pytest.approx(10.5 / 14) and "bf16 14.0" in fixed.loc["C5", "numbers"]
+    assert set(speed_ratios(summary, exclude).method) == {"bf16", "int8", "nf4"}
