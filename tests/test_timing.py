@@ -1,6 +1,7 @@
 """Timing and memory helpers (helpers.timing) on synthetic workloads; no timed assertions."""
 
 import math
+import mmap
 import time
 
 import pandas as pd
@@ -58,11 +59,15 @@ def test_peak_rss_sees_a_synthetic_allocation_and_can_be_reset():
         assert math.isnan(memory.peak_memory("cpu")["peak_rss_MiB"])
         pytest.skip("this kernel cannot reset the peak RSS; the NaN path was checked instead")
     before = memory.rss_mib("VmHWM")
-    x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-    x += 1
+    # 64 MiB of fresh pages, each touched: a heap allocation could reuse pages freed by earlier tests
+    # (a loaded 0.5B model) that are still resident, and then the RSS would not grow
+    size = 64 * 2**20
+    x = mmap.mmap(-1, size)
+    for offset in range(0, size, mmap.PAGESIZE):
+        x[offset] = 1
     peak = memory.peak_memory("cpu")["peak_rss_MiB"]
     assert peak - before > 50
-    del x
+    x.close()
     assert memory.reset_peak_rss()  # the high-water mark falls back to the current RSS
     assert memory.rss_mib("VmHWM") < peak - 50
 
