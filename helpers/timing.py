@@ -31,6 +31,7 @@ import hashlib
 import re
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -565,9 +566,7 @@ def c4_c5_verdicts(summary: pd.DataFrame, exclude: Iterable[tuple[str, str]] = (
 def verdict_counts(verdicts: list[str]) -> str:
     """Several models' verdicts on one claim in a few words: the verdict itself where all agree,
     else how many models each verdict has (``holds on 3, does not hold on 1 of 4 models``)."""
-    counts = dict.fromkeys(verdicts, 0)
-    for v in verdicts:
-        counts[v] += 1
+    counts = Counter(verdicts)  # in order of first appearance
     if len(counts) == 1:
         return verdicts[0]
     return ", ".join(f"{v} on {k}" for v, k in counts.items()) + f" of {len(verdicts)} models"
