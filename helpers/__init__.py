@@ -10,6 +10,7 @@ One module per concern, one line each; notebooks import what they need:
 - :mod:`helpers.generation`    seeded batched generation, quality of generations, the batch check
 - :mod:`helpers.sweep`         the sampling sweep of notebook 02, cut into resumable units
 - :mod:`helpers.textscore`     next-word prediction on running text, its units and controls (notebook 04)
+- :mod:`helpers.documents`     running text per document: perplexity, the memorisation flag, verdicts without it
 - :mod:`helpers.efftemp`       effective temperature under three definitions, its controls, bootstrap refits
 - :mod:`helpers.analysis`      paired method-vs-reference comparisons over prompts, verdicts (notebook 04)
 - :mod:`helpers.judge`         generations judged by another model in bits per novel byte, greedy loops

@@ -35,6 +35,7 @@ import torch
 
 from . import methods as registry
 from .analysis import columns_ci
+from .evaluation import token_windows
 from .runtime import synchronize
 
 LN2 = math.log(2)
@@ -88,22 +89,9 @@ def split_spans(documents: dict[str, str], span_bytes: int) -> list[Span]:
 
 
 def window_indices(n_tokens: int, window: int, has_bos: bool) -> list[list[int]]:
-    """Token indices of each model input, as :func:`helpers.evaluation.token_windows` cuts them:
-    non-overlapping windows of ``window`` tokens whose first token is context only; with a BOS
-    (index 0), every window starts with it and scores ``window - 1`` new tokens."""
-    if window < 2:
-        raise ValueError(f"window must be at least 2 tokens, got {window}")
-    if has_bos:
-        return [
-            [0, *range(s, min(s + window - 1, n_tokens))]
-            for s in range(1, n_tokens, window - 1)
-            if min(s + window - 1, n_tokens) > s
-        ]
-    return [
-        list(range(s, min(s + window, n_tokens)))
-        for s in range(0, n_tokens, window)
-        if min(s + window, n_tokens) - s >= 2
-    ]
+    """Token indices of each model input: :func:`helpers.evaluation.token_windows` applied to the
+    positions ``0 .. n_tokens - 1``, with index 0 as the BOS when there is one (so both cut alike)."""
+    return token_windows(list(range(n_tokens)), window, 0 if has_bos else None)
 
 
 @dataclass

@@ -19,6 +19,7 @@ import torch
 
 from . import methods as registry
 from . import quantization as qz
+from .memory import release_memory
 from .runtime import machine_load, timed
 from .stats import bootstrap_ci
 
@@ -208,6 +209,8 @@ def evaluate_method(
         "eval_s": eval_s,
         "load_average": machine_load(),
     }
+    model = tokenizer = None  # drop the last references, then hand the freed gigabytes back to the system
+    release_memory(device)
     return row, text_out, None if ppl is None else ppl.token_nll.numpy()
 
 

@@ -65,6 +65,21 @@ class Notebook:
         fig.savefig(path, **{"dpi": 150, "bbox_inches": "tight", **kwargs})
         return path
 
+    @staticmethod
+    def panels(n: int, width: float, height: float, ncols: int = 2, **kwargs: Any):
+        """``(fig, axes)``: ``n`` panels of ``width`` x ``height`` inches in rows of at most
+        ``ncols`` (one per model, say), so that four models make a 2 x 2 grid rather than a strip;
+        ``axes`` is a flat list of the ``n`` panels, the unused ones removed."""
+        import matplotlib.pyplot as plt
+
+        cols = max(1, min(ncols, n))
+        rows = -(-n // cols)
+        fig, grid = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False, **kwargs)
+        axes = list(grid.flat)
+        for ax in axes[n:]:
+            ax.remove()
+        return fig, axes[:n]
+
     def method_order(self, names) -> list[str]:
         """``names`` in the registry's order (fp32, bf16, fp16, int8 ... fp4-dq)."""
         return [m for m in registry.METHODS if m in set(names)]

@@ -79,3 +79,12 @@ def test_setup_records_declared_parameters_with_their_run_values(tmp_path, keep_
 def test_setup_names_a_missing_notebook(tmp_path):
     with pytest.raises(FileNotFoundError, match="99_missing.ipynb"):
         notebook.setup("99_missing", {}, notebooks_dir=tmp_path)
+
+
+def test_panels_wrap_models_into_rows_of_two():
+    for n, shape in ((1, (1, 1)), (3, (2, 2)), (4, (2, 2)), (5, (3, 2))):
+        fig, axes = notebook.Notebook.panels(n, 5.0, 3.0)
+        assert len(axes) == n == len(fig.axes)  # the unused panel of an odd count is removed
+        assert tuple(fig.get_size_inches()) == (5.0 * shape[1], 3.0 * shape[0])
+        assert axes[-1].get_subplotspec().rowspan.start == shape[0] - 1
+        plt.close(fig)

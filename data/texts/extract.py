@@ -6,12 +6,13 @@
 
 Needs only the Python standard library plus two ordinary clients:
 ``pip`` (PyPI source distribution of brotli) and ``apt-get download``
-(Debian binary package golang-1.19-src; run ``apt-get update`` first).
+(Debian binary packages golang-1.19-src and libpython3.11-stdlib; run ``apt-get update`` first).
 Each source file is checked against a pinned SHA-256 before it is cut, and
 each excerpt against the ``sha256`` column of manifest.csv afterwards, so a
 run that prints "OK" reproduces the committed files byte for byte.
 
-Cutting rules (the same for every text):
+Source code (``verbatim``) is copied whole, unchanged, with its licence file beside it.
+Cutting rules for prose (the same for every prose text):
   * lines are split into paragraphs at blank lines;
   * the lines of a paragraph are stripped and joined with one space, except
     that a line ending in a single hyphen after a letter (a compound broken
@@ -68,6 +69,20 @@ SOURCES = [
         "start": "_Quest._ 31. Have not the small Particles",
         "count": 5,
     },
+    {
+        # Python source code, copied whole (no cutting); the PSF licence it is released under is
+        # copied beside it, as that licence asks
+        "id": "python_graphlib",
+        "registry": "debian",
+        "package": "libpython3.11-stdlib",
+        "version": "3.11.2-6+deb12u8",
+        "archive": "libpython3.11-stdlib_3.11.2-6+deb12u8_amd64.deb",
+        "member": "./usr/lib/python3.11/graphlib.py",
+        "member_sha256": "7bd338c5a475d1101064603d3baa5507446d3c5e73f741f6d6e77c6204c1eb65",
+        "encoding": "utf-8",
+        "verbatim": True,
+        "licence": ("./usr/lib/python3.11/LICENSE.txt", "python_graphlib.LICENSE.txt"),
+    },
 ]
 
 
@@ -95,15 +110,19 @@ def download(src: dict, workdir: Path) -> Path:
             stdout=subprocess.DEVNULL,
         )
     elif src["registry"] == "debian":
-        subprocess.run(
-            ["apt-get", "download", f"{src['package']}={src['version']}"],
-            check=True,
-            cwd=workdir,
-            stdout=subprocess.DEVNULL,
+        pinned = subprocess.run(
+            ["apt-get", "download", f"{src['package']}={src['version']}"], cwd=workdir, capture_output=True
         )
+        if pinned.returncode != 0:
+            # Debian keeps only the newest point release of a package; the member's pinned SHA-256,
+            # not the package version, decides whether the file is the same
+            print(f"{src['package']} {src['version']} is no longer served; trying the current version")
+            subprocess.run(["apt-get", "download", src["package"]], check=True, cwd=workdir, stdout=subprocess.DEVNULL)
     else:
         raise ValueError(src["registry"])
     path = workdir / src["archive"]
+    if src["registry"] == "debian" and not path.exists():
+        path = next(iter(sorted(workdir.glob(f"{src['package']}_*.deb"))), path)
     if not path.exists():
         raise FileNotFoundError(f"{path} was not downloaded")
     return path
@@ -126,13 +145,15 @@ def deb_data_tar(deb: Path) -> tarfile.TarFile:
     raise ValueError(f"no data.tar in {deb}")
 
 
-def read_member(src: dict, archive: Path) -> bytes:
+def read_member(src: dict, archive: Path, member: str | None = None) -> bytes:
+    """One file of the archive (by default the source text, checked against its pinned SHA-256)."""
     tar = deb_data_tar(archive) if src["registry"] == "debian" else tarfile.open(archive)
     with tar:
-        data = tar.extractfile(src["member"]).read()
-    got = sha256(data)
-    if got != src["member_sha256"]:
-        raise ValueError(f"{src['member']}: sha256 {got}, expected {src['member_sha256']}")
+        data = tar.extractfile(member or src["member"]).read()
+    if member is None:
+        got = sha256(data)
+        if got != src["member_sha256"]:
+            raise ValueError(f"{src['member']}: sha256 {got}, expected {src['member_sha256']}")
     return data
 
 
@@ -157,6 +178,8 @@ def paragraphs(text: str) -> list[str]:
 
 
 def cut(src: dict, raw: bytes) -> str:
+    if src.get("verbatim"):  # source code: the whole file, unchanged
+        return raw.decode(src["encoding"])
     paras = paragraphs(raw.decode(src["encoding"]))
     first = next(i for i, p in enumerate(paras) if p.startswith(src["start"]))
     chosen = paras[first : first + src["count"]]
@@ -186,10 +209,14 @@ def main() -> int:
     failed = False
     with tempfile.TemporaryDirectory() as tmp:
         for src in SOURCES:
-            text = cut(src, read_member(src, download(src, Path(tmp))))
+            archive = download(src, Path(tmp))
+            text = cut(src, read_member(src, archive))
+            if "licence" in src and args.write:
+                member, name = src["licence"]
+                (HERE / name).write_bytes(read_member(src, archive, member))
             data = text.encode("utf-8")
             digest = sha256(data)
-            out_path = HERE / f"{src['id']}.txt"
+            out_path = HERE / f"{src['id']}.txt"  # .txt also for code: no tool should run or lint it
             if args.write:
                 out_path.write_bytes(data)
             if not out_path.exists():
