@@ -193,7 +193,8 @@ def cloze_claims(
     margin: float,
     n_boot: int = 1000,
 ) -> pd.DataFrame:
-    """C1, C2 and C3 per model on the cloze prompts (notebook 04, section 7), with ``overall``.
+    """C1, C2 and C3 per model on the cloze prompts (notebook 04, section 7), with ``all_models``:
+    the claim's verdict over every model (:func:`combine_verdicts`), repeated on each model's row.
 
     ``cloze``: exact next-token rows (top-k off) with ``p_answer``/``ref_p_answer``; ``index``: the
     sensitivity index per (model, method) from :func:`sensitivity_index`. C1: nf4 and fp4 equal
@@ -250,7 +251,7 @@ def cloze_claims(
                 {
                     "claim": "C3",
                     "model": model,
-                    "statistic": "S = R(low) - R(high), each 4-bit method",
+                    "statistic": "S = R(low) - R(high): mean of the 4-bit methods; ci: the range their intervals span",
                     "estimate": four_bit["index"].mean(),
                     "ci_low": four_bit.index_low.min(),
                     "ci_high": four_bit.index_high.max(),
@@ -259,8 +260,8 @@ def cloze_claims(
                 }
             )
     claims = pd.DataFrame(claims)
-    overall = claims.groupby("claim").verdict.apply(lambda v: combine_verdicts(list(v))).rename("overall")
-    return claims.join(overall, on="claim")
+    over_models = claims.groupby("claim").verdict.apply(lambda v: combine_verdicts(list(v))).rename("all_models")
+    return claims.join(over_models, on="claim")
 
 
 # --------------------------------------------------------------------------- running text
@@ -730,6 +731,22 @@ def synthesis(by_instrument: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, pd.
         answer = next(iter(per.values())) if len(set(per.values())) == 1 else "depends on the instrument"
         answers.append({"claim": claim, "version": version, "answer": answer, "statistics": len(g), **per})
     return rows, pd.DataFrame(answers)
+
+
+def headline_lines(answers: pd.DataFrame) -> list[str]:
+    """One short plain line per (claim, version) of :func:`synthesis`: what the claim says, the
+    answer, and which instruments give which verdict (instruments that do not test it left out)."""
+    fixed = {"claim", "version", "answer", "statistics"}
+    lines = []
+    for a in answers.to_dict("records"):
+        by_verdict: dict[str, list[str]] = {}
+        for instrument in (c for c in answers.columns if c not in fixed):
+            if isinstance(a[instrument], str):
+                by_verdict.setdefault(a[instrument], []).append(instrument)
+        said = "; ".join(f"{verdict}: {', '.join(names)}" for verdict, names in by_verdict.items())
+        words = CLAIM_WORDS.get((a["claim"], a["version"]), "")
+        lines.append(f"{a['claim']}, {version_words(a['version'])} ({words}): {a['answer']} ({said}).")
+    return lines
 
 
 def synthesis_lines(answers: pd.DataFrame, rows: pd.DataFrame) -> list[str]:

@@ -127,7 +127,7 @@ def test_cloze_claims_by_hand():
     assert half.estimate["C1"] == pytest.approx(0.25)  # (Q_nf4 - Q_fp4) / Q_fp32 over both T: (1 - 0.75) / 1
     assert half.verdict["C1"] == "does not hold"
     assert half.estimate["C2"] == pytest.approx(0.5) and half.verdict["C2"] == "holds"  # R_fp4 - R_nf4: 0.5 low, 0 high
-    assert set(half.overall) <= set(analysis.VERDICTS)
+    assert set(half.all_models) <= set(analysis.VERDICTS)
 
 
 def test_int8_cost_words_only_counts_resolved_costs():
@@ -141,3 +141,16 @@ def test_int8_cost_words_only_counts_resolved_costs():
     assert int8_cost_words((0.5, 0.03, 0.9), (2.4, 1.1, 3.9)).endswith("activation quantization is most of int8's cost")
     assert "less than half" in int8_cost_words((0.4, 0.1, 0.8), (0.6, 0.2, 1.0))
     assert int8_cost_words((0.1, 0.0, 0.2), (-2.0, -3.0, -1.0)).startswith("int8 lowers perplexity")
+
+
+def test_headline_lines_group_instruments_by_verdict():
+    answers = pd.DataFrame(
+        [{"claim": "C1", "version": "both", "answer": "depends on the instrument", "statistics": 4,
+          "running text": "holds", "cloze prompts": "does not hold", "greedy loops": np.nan,
+          "generations": "holds"}]
+    )  # fmt: skip
+    (line,) = analysis.headline_lines(answers)
+    assert line == (
+        "C1, both versions (nf4 and fp4 lose the same, within the equivalence margin): depends on the instrument "
+        "(holds: running text, generations; does not hold: cloze prompts)."
+    )
