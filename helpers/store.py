@@ -14,9 +14,10 @@ and removed on the next :meth:`ResultStore.read`.
 
 **One cache-key rule.** Every unit key holds the unit's settings and :func:`code_digest` of the
 functions that compute its rows: the syntax trees, without docstrings, of those functions and of
-every function, class and constant of ``helpers`` that they reach by name. Editing a docstring, a
-comment or code that the unit does not run recomputes nothing; changing code it runs recomputes
-it. Library versions are recorded in each unit's provenance, not in its key.
+every function, class and constant of ``helpers`` that they reach by name, up to the model
+folder that :func:`helpers.models.resolve` returns (:data:`BOUNDARIES`). Editing a docstring, a
+comment, code that the unit does not run, or how a model is prepared recomputes nothing; changing
+code it runs recomputes it. Library versions are recorded in each unit's provenance, not in its key.
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ from .provenance import load_table, save_table, sidecar
 
 PACKAGE = __name__.rsplit(".", 1)[0]  # "helpers"
 _CONSTANT = re.compile(r"_?[A-Z][A-Z0-9_]*")
+#: Functions whose own code is part of a key but whose callees are not followed. ``models.resolve``
+#: returns a prepared model folder, which the unit key names by the model; how the folder was made
+#: (download, GGUF conversion, checksums) does not decide a unit's numbers, so editing that code
+#: recomputes nothing. A conversion that changed the weights would need a fresh store.
+BOUNDARIES = frozenset({f"{PACKAGE}.models:resolve"})
 
 
 def _target(obj: Any) -> Any:
@@ -105,9 +111,10 @@ def _reached(obj: Any, node: ast.AST) -> list[tuple[str, Any]]:
 def code_closure(*entries: Any) -> dict[str, str]:
     """The code a unit runs: ``entries`` (functions, methods or classes of this package) and every
     function, class and upper-case module constant of the package that they reach by name,
-    transitively. Maps ``module:qualname`` to the docstring-free syntax tree (``ast.dump``), or to
-    the constant's ``repr``. Calls through other objects (a model's ``forward``, a callback) are
-    not followed: library code is recorded by version in the provenance, not here."""
+    transitively, but not past a :data:`BOUNDARIES` function. Maps ``module:qualname`` to the
+    docstring-free syntax tree (``ast.dump``), or to the constant's ``repr``. Calls through other
+    objects (a model's ``forward``, a callback) are not followed: library code is recorded by
+    version in the provenance, not here."""
     out: dict[str, str] = {}
     todo: list[tuple[str, Any]] = [("", e) for e in entries]
     while todo:
@@ -118,7 +125,8 @@ def code_closure(*entries: Any) -> dict[str, str]:
             if label not in out:
                 node = _tree(obj)
                 out[label] = ast.dump(node)
-                todo += _reached(obj, node)
+                if label not in BOUNDARIES:
+                    todo += _reached(obj, node)
         elif isinstance(obj, (int, float, str, tuple, frozenset)) and _CONSTANT.fullmatch(label.partition(":")[2]):
             out[label] = repr(obj)  # a module constant such as LOG2E (lower-case names are state)
     return out

@@ -125,3 +125,11 @@ def test_running_text_units_do_not_hash_generation_code():
     assert "helpers.quantization:storage_report" in timed  # imported inside memory_breakdown
     assert "helpers.timing:_peak_window" not in timed  # lower-case module state is not code
     assert generation.generate.__module__ == "helpers.generation" and measures.MEASURES
+
+
+def test_model_preparation_is_outside_every_unit_key():
+    """Unit keys stop at models.resolve: editing how a model is downloaded or converted recomputes no unit."""
+    for unit in (textscore.TextStudy._reference_logits, methods.load):  # every unit loads through methods.load
+        reached = code_closure(unit)
+        assert "helpers.methods:load" in reached and "helpers.models:resolve" in reached  # resolve's own code counts
+        assert not {"helpers.models:prepare", "helpers.models:_convert", "helpers.models:assemble_parts"} & set(reached)
