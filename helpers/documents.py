@@ -197,20 +197,20 @@ def plot_by_document(
     )
     axes = [panel["ppl"], *(panel[m] for m in models)]
 
-    def bars(ax, groups, height, label, color, hatch=None, err=None):
+    def bars(ax, groups: dict[str, pd.DataFrame], height: str, colors: dict[str, str], err=None):
+        """One bar per document and group member, side by side; flagged documents hatched."""
         width = 0.8 / len(groups)
         for i, (name, rows) in enumerate(groups.items()):
             rows = rows.set_index("doc").reindex(docs)
             x = np.arange(len(docs)) + (i - (len(groups) - 1) / 2) * width
             yerr = None if err is None else [rows[height] - rows[err[0]], rows[err[1]] - rows[height]]
-            drawn = ax.bar(x, rows[height], width, color=color(name), label=label(name), yerr=yerr, capsize=2)
-            if hatch is not None:
-                for patch, flagged in zip(drawn, rows.flagged.fillna(False)):
-                    patch.set_hatch("///" if flagged else "")
+            drawn = ax.bar(x, rows[height], width, color=colors[name], label=name, yerr=yerr, capsize=2)
+            for patch, flagged in zip(drawn, rows.flagged.fillna(False)):
+                patch.set_hatch("///" if flagged else "")
 
     ref = table[table.method == reference]
     colors = dict(zip(models, plt.get_cmap("tab10").colors[4:]))
-    bars(axes[0], {m: ref[ref.model == m] for m in models}, "perplexity", str, colors.get, hatch=True)
+    bars(axes[0], {m: ref[ref.model == m] for m in models}, "perplexity", colors)
     axes[0].set(yscale="log", ylabel=f"{reference} perplexity (log scale)")
     axes[0].yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
     axes[0].yaxis.set_major_formatter(ScalarFormatter())
@@ -224,15 +224,7 @@ def plot_by_document(
     axes[0].legend(handles=handles, fontsize=7)
     for ax, model in zip(axes[1:], models):
         d = table[table.model == model]
-        bars(
-            ax,
-            {m: d[d.method == m] for m in methods},
-            "increase_pct",
-            str,
-            palette.get,
-            hatch=True,
-            err=("ci_low", "ci_high"),
-        )
+        bars(ax, {m: d[d.method == m] for m in methods}, "increase_pct", palette, err=("ci_low", "ci_high"))
         ax.axhline(0, color="0.4", lw=0.8)
         ax.set_title(f"{model} (own y scale)", fontsize=9)
         ax.set_ylabel(f"log-loss increase over {reference}\n(%, 95% interval)", fontsize=8)

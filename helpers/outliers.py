@@ -208,6 +208,19 @@ def layers_affected(hit_share: np.ndarray, dims: np.ndarray, position_share: flo
     return float((h[:, dims] >= position_share).any(axis=1).mean())
 
 
+def max_pool_columns(values: np.ndarray, max_columns: int = 256) -> tuple[np.ndarray, int]:
+    """``(pooled, width)``: ``values`` ``[rows, columns]`` with every ``width`` consecutive columns
+    replaced by their maximum, ``width`` the smallest that leaves at most ``max_columns`` columns.
+    A heatmap of 1,536 hidden dimensions is drawn under one pixel per dimension; the maximum keeps
+    a lone outlier dimension visible where a mean would dilute it."""
+    x = np.asarray(values, dtype=float)
+    if x.ndim != 2 or max_columns < 1:
+        raise ValueError(f"need a 2-D array and max_columns >= 1, got shape {x.shape}, {max_columns}")
+    width = -(-x.shape[1] // max_columns)
+    padded = np.pad(x, ((0, 0), (0, -x.shape[1] % width)), constant_values=-np.inf)
+    return padded.reshape(x.shape[0], -1, width).max(axis=2), width
+
+
 def set_int8_threshold(model: torch.nn.Module, threshold: float, roles: tuple[str, ...] | None = None) -> int:
     """Set the outlier threshold of every LLM.int8() layer (``bitsandbytes.nn.Linear8bitLt``) of a
     loaded model in place; bitsandbytes reads it on every call, so this equals loading the model

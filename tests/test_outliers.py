@@ -180,3 +180,13 @@ def test_int8_outlier_columns_are_chosen_over_the_whole_batch():
         # with the decomposition, column 5 of the quiet row moves to the 16-bit matmul because of
         # the other row; without it every row is quantized on its own
         assert (change > 1e-3) if coupled else (change < 1e-5), (threshold, change)
+
+
+def test_max_pool_columns_keeps_a_lone_outlier_visible():
+    x = np.zeros((2, 10))
+    x[1, 7] = 0.9
+    pooled, width = outliers.max_pool_columns(x, max_columns=4)
+    assert width == 3 and pooled.shape == (2, 4)  # columns 0-2, 3-5, 6-8, 9 (padded)
+    assert pooled[1].tolist() == [0.0, 0.0, 0.9, 0.0] and pooled[0].max() == 0
+    same, one = outliers.max_pool_columns(x, max_columns=10)
+    assert one == 1 and np.array_equal(same, x)
