@@ -58,7 +58,7 @@ def perplexity_by_document(
                 "increase_pct": 0.0,
                 "ci_low": 0.0,
                 "ci_high": 0.0,
-            }  # fmt: skip
+            }
         )
         for method, h in g.groupby("method", sort=False):
             est, lo, hi = columns_ci(
@@ -76,7 +76,7 @@ def perplexity_by_document(
                     "increase_pct": est,
                     "ci_low": lo,
                     "ci_high": hi,
-                }  # fmt: skip
+                }
             )
     return pd.DataFrame(rows)
 
