@@ -20,7 +20,7 @@ PARAMS ?= params/default.yaml
 # helpers/runtime.py); it has to be in the environment before Python starts.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install models reproduce test lint unit smoke compare constraints clean
+.PHONY: install models reproduce test lint unit smoke compare constraints site site-check clean
 
 install: $(VENV)/.installed
 
@@ -64,6 +64,20 @@ compare: install
 constraints: install
 	{ sed -n '1,4p' constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v '^#' \
 	  | sed 's/^torch==\([0-9.]*\)+.*/torch==\1/'; } > constraints.tmp && mv constraints.tmp constraints.txt
+
+# The executed notebooks, README and the data and benchmark notes as a static HTML book in
+# build/site (open build/site/index.html); site-check opens every page in headless Chromium
+# (Debian: apt-get install chromium), screenshots it into build/site-shots and fails on a missing
+# image, a broken link within the site or an empty page.
+site: $(VENV)/.installed-site
+	$(PY) -m helpers.site build
+
+site-check: site
+	$(PY) -m helpers.site check
+
+$(VENV)/.installed-site: $(VENV)/.installed
+	$(PY) -m pip install -q -c constraints.txt -e ".[site]"
+	touch $@
 
 clean:
 	rm -rf build .pytest_cache

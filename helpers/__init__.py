@@ -27,6 +27,7 @@ One module per concern, one line each; notebooks import what they need:
 - :mod:`helpers.runner`        executes the numbered notebooks with papermill
 - :mod:`helpers.compare`       a rerun's tables against the committed ones: what moved
 - :mod:`helpers.workers`       shares the units of notebooks 02 and 04 over processes or machines
+- :mod:`helpers.site`          the executed notebooks as an HTML book, checked in headless Chromium
 """
 
 from pathlib import Path

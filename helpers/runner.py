@@ -33,6 +33,7 @@ import ast
 import contextlib
 import functools
 import hashlib
+import html
 import json
 import numbers
 import os
@@ -396,9 +397,37 @@ def source_cell_number(executed: Path, cell_index: int) -> int:
     return cell_index - injected + 1
 
 
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
+
+
+def final_progress(nb: dict) -> int:
+    """Replace each progress bar (a tqdm widget) of an executed notebook by one line of its final
+    state, e.g. ``load + evaluate: 100% 36/36 [09:42<00:00, 38.61s/it]``: a saved widget shows its
+    first state ("0/36") wherever widgets do not run (GitHub, a static site). Other widgets are
+    kept, and so is the saved widget state while any remains. Returns the number replaced."""
+    state = nb.get("metadata", {}).get("widgets", {}).get(WIDGET_STATE, {}).get("state", {})
+    replaced = 0
+    for cell in nb.get("cells", []):
+        for out in cell.get("outputs", []):
+            view = out.get("data", {}).get(WIDGET_VIEW)
+            box = state.get(view["model_id"], {}) if view else {}
+            children = [state.get(c.removeprefix("IPY_MODEL_"), {}) for c in box.get("state", {}).get("children", [])]
+            if not any(c.get("model_name") in ("FloatProgressModel", "IntProgressModel") for c in children):
+                continue
+            words = [html.unescape(c["state"].get("value", "")) for c in children if c.get("model_name") == "HTMLModel"]
+            out["data"] = {"text/plain": " ".join(" ".join(words).replace("\u2007", " ").split())}
+            replaced += 1
+    if replaced and not any(WIDGET_VIEW in o.get("data", {}) for c in nb["cells"] for o in c.get("outputs", [])):
+        nb["metadata"].pop("widgets", None)
+    return replaced
+
+
 def stamp(executed: Path, source: Path, params_file: Path, values: dict[str, Any], seconds: float) -> None:
-    """Record in the executed copy what it was made from (see module docstring)."""
+    """Record in the executed copy what it was made from (see module docstring), with its progress
+    bars at their final counts (:func:`final_progress`)."""
     nb = json.loads(executed.read_text())
+    final_progress(nb)
     nb["metadata"]["compendium"] = {
         "source": source.name,
         "source_sha256": source_hash(source),

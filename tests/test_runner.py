@@ -111,3 +111,32 @@ def test_prepare_embedded_prepares_only_what_the_plan_names_and_lacks(monkeypatc
     ]
     runner.prepare_embedded(plan)
     assert prepared == ["qwen2.5-coder-0.5b"]
+
+
+def test_progress_bars_are_saved_at_their_final_counts():
+    """A tqdm widget in an executed copy becomes one line of its final state; other widgets stay."""
+    state = {
+        "box": {
+            "model_name": "HBoxModel",
+            "state": {"children": ["IPY_MODEL_desc", "IPY_MODEL_bar", "IPY_MODEL_tail"]},
+        },
+        "desc": {"model_name": "HTMLModel", "state": {"value": "load\u2007+\u2007evaluate:\u2007100%"}},
+        "bar": {"model_name": "FloatProgressModel", "state": {"value": 36.0, "max": 36.0}},
+        "tail": {"model_name": "HTMLModel", "state": {"value": "\u200736/36\u2007[09:42&lt;00:00,\u200738.61s/it]"}},
+        "slider": {"model_name": "FloatSliderModel", "state": {"value": 0.7}},
+    }
+
+    def view(model_id):
+        return {"output_type": "display_data", "data": {runner.WIDGET_VIEW: {"model_id": model_id},
+                                                        "text/plain": "0/36"}}  # fmt: skip
+
+    nb = {"metadata": {"widgets": {runner.WIDGET_STATE: {"state": state}}},
+          "cells": [{"cell_type": "code", "outputs": [view("box")]}, {"cell_type": "code", "outputs": [view("slider")]}]}  # fmt: skip
+    assert runner.final_progress(nb) == 1
+    assert nb["cells"][0]["outputs"][0]["data"] == {
+        "text/plain": "load + evaluate: 100% 36/36 [09:42<00:00, 38.61s/it]"
+    }
+    assert runner.WIDGET_VIEW in nb["cells"][1]["outputs"][0]["data"]  # the slider is kept, with its state
+    assert "widgets" in nb["metadata"]
+    nb["cells"].pop()
+    assert runner.final_progress(nb) == 0  # nothing left to replace; the state stays until a bar is replaced
