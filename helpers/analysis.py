@@ -135,6 +135,40 @@ def sensitivity_index(
     }
 
 
+def degradation_curve(
+    df: pd.DataFrame, quality: str = "p_answer", reference_quality: str = "ref_p_answer", n_boot: int = 1000
+) -> pd.DataFrame:
+    """``R(T)`` of one method at every temperature of ``df`` (its rows: prompt_id, temperature and
+    the two qualities): ``1 - mean quality / mean reference quality`` over prompts, with a paired
+    bootstrap interval. Columns ``temperature``, ``mean``, ``low``, ``high``."""
+    rows = []
+    for T, g in df.groupby("temperature"):
+        x = g[[quality, reference_quality]].dropna().to_numpy()
+        if len(x):
+            est, lo, hi = bootstrap_ci_of(x, lambda m: relative_degradation(m[..., 0], m[..., 1]), n_boot)
+            rows.append({"temperature": T, "mean": est, "low": lo, "high": hi})
+    return pd.DataFrame(rows, columns=["temperature", "mean", "low", "high"])
+
+
+def sensitivity_table(
+    df: pd.DataFrame, methods: Sequence[str], low: Sequence[float], high: Sequence[float], n_boot: int = 1000
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(curves, index)`` for every model of ``df`` and each of ``methods``: the curves ``R(T)``
+    (:func:`degradation_curve`) and the sensitivity index (:func:`sensitivity_index`) with
+    ``T_of_largest_R``, the temperature above 0 where ``R`` is largest."""
+    curves, index = [], []
+    for model, method in ((m, x) for m in df.model.unique() for x in methods):
+        g = df[(df.model == model) & (df.method == method)]
+        curve = degradation_curve(g, n_boot=n_boot).assign(model=model, method=method)
+        hot = curve[curve.temperature > 0]
+        peak = hot.temperature[hot["mean"].idxmax()] if len(hot) else np.nan
+        curves.append(curve)
+        index.append({"model": model, "method": method, **sensitivity_index(g, low, high, n_boot=n_boot),
+                      "T_of_largest_R": peak})  # fmt: skip
+    cols = ["model", "method", "temperature", "mean", "low", "high"]
+    return pd.concat(curves, ignore_index=True)[cols], pd.DataFrame(index)
+
+
 def sign_verdict(low: float, high: float) -> str:
     """Is a quantity positive? holds if its interval is above 0, does not hold if below 0 or if
     it lies inside ``±NEGLIGIBLE`` (no effect: a control that matches the reference exactly,
@@ -363,6 +397,10 @@ class Measure:
 
 #: running text: relative loss of expected next-word accuracy, blocks of consecutive tokens
 ACCURACY = Measure(("p_true",), lambda m, r: loss(m, r), tuple(BLOCK_KEY), lambda s, p: s[f"{p}p_true"] / s["n"])
+
+
+MARGIN_CLAIMS = {("C1", "both"), ("C2", "first")}
+"""(claim, version) pairs whose "does not hold" means: within the equivalence margin of 0."""
 
 
 def temperature_claims(
@@ -733,20 +771,41 @@ def synthesis(by_instrument: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, pd.
     return rows, pd.DataFrame(answers)
 
 
-def headline_lines(answers: pd.DataFrame) -> list[str]:
+def headline_lines(answers: pd.DataFrame, rows: pd.DataFrame | None = None) -> list[str]:
     """One short plain line per (claim, version) of :func:`synthesis`: what the claim says, the
-    answer, and which instruments give which verdict (instruments that do not test it left out)."""
+    answer, and which instruments give which verdict (instruments that do not test it left out).
+    With the statistics ``rows`` of :func:`synthesis`, an instrument whose statistics disagree
+    says how they split, e.g. "running text (2 of 4 hold, 2 do not hold)"."""
     fixed = {"claim", "version", "answer", "statistics"}
     lines = []
     for a in answers.to_dict("records"):
         by_verdict: dict[str, list[str]] = {}
         for instrument in (c for c in answers.columns if c not in fixed):
-            if isinstance(a[instrument], str):
-                by_verdict.setdefault(a[instrument], []).append(instrument)
+            verdict = a[instrument]
+            if not isinstance(verdict, str):
+                continue
+            name = instrument
+            if rows is not None:
+                g = rows[(rows.claim == a["claim"]) & (rows.version == a["version"]) & (rows.instrument == instrument)]
+                if g.verdict.nunique() > 1:
+                    name += f" ({count_words(g.verdict)})"
+            by_verdict.setdefault(verdict, []).append(name)
         said = "; ".join(f"{verdict}: {', '.join(names)}" for verdict, names in by_verdict.items())
         words = CLAIM_WORDS.get((a["claim"], a["version"]), "")
         lines.append(f"{a['claim']}, {version_words(a['version'])} ({words}): {a['answer']} ({said}).")
     return lines
+
+
+def count_words(verdicts: pd.Series) -> str:
+    """How a set of verdicts splits, in words: "2 of 4 hold, 1 does not hold, 1 inconclusive"."""
+    plural = {"holds": "hold", "does not hold": "do not hold", "inconclusive": "inconclusive"}
+    counts = verdicts.value_counts()
+    parts = [
+        f"{counts[v]} {v if counts[v] == 1 else plural[v]}"
+        for v in ("holds", "does not hold", "inconclusive")
+        if v in counts
+    ]
+    return f"{parts[0].replace(' ', f' of {len(verdicts)} ', 1)}" + "".join(f", {p}" for p in parts[1:])
 
 
 def synthesis_lines(answers: pd.DataFrame, rows: pd.DataFrame) -> list[str]:

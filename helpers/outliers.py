@@ -221,6 +221,23 @@ def max_pool_columns(values: np.ndarray, max_columns: int = 256) -> tuple[np.nda
     return padded.reshape(x.shape[0], -1, width).max(axis=2), width
 
 
+def llm_int8_matmul(x: torch.Tensor, w: torch.Tensor, threshold: float = 6.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x @ w.T`` the way LLM.int8() computes it (Dettmers et al. 2022, Sec. 3), in plain torch
+    for teaching: every input column holding a value with ``|x| >= threshold`` (an outlier
+    feature) is multiplied in full precision; the other columns are quantized vector-wise, each
+    row of ``x`` and each row of ``w`` (an output) scaled by 127 over its absmax and rounded,
+    multiplied in integers and rescaled. ``threshold`` 0: no decomposition (plain vector-wise
+    int8). Returns the product and the mask of outlier columns. bitsandbytes' kernels may take
+    other paths on some CPUs (notebook 02, section 5); notebook 05 measures the real layers."""
+    x, w = x.double(), w.double()
+    outlier = (x.abs() >= threshold).any(0) if threshold > 0 else torch.zeros(x.shape[1], dtype=torch.bool)
+    xs, ws = x[:, ~outlier], w[:, ~outlier]
+    sx = xs.abs().amax(1, keepdim=True).clamp_min(1e-12)
+    sw = ws.abs().amax(1, keepdim=True).clamp_min(1e-12)
+    integer = torch.round(xs * 127 / sx) @ torch.round(ws * 127 / sw).T  # what int8 x int8 -> int32 gives
+    return integer * sx * sw.T / 127**2 + x[:, outlier] @ w[:, outlier].T, outlier
+
+
 def set_int8_threshold(model: torch.nn.Module, threshold: float, roles: tuple[str, ...] | None = None) -> int:
     """Set the outlier threshold of every LLM.int8() layer (``bitsandbytes.nn.Linear8bitLt``) of a
     loaded model in place; bitsandbytes reads it on every call, so this equals loading the model

@@ -154,3 +154,31 @@ def test_headline_lines_group_instruments_by_verdict():
         "C1, both versions (nf4 and fp4 lose the same, within the equivalence margin): depends on the instrument "
         "(holds: running text, generations; does not hold: cloze prompts)."
     )
+
+
+def test_headline_lines_count_the_statistics_of_a_mixed_instrument():
+    answers = pd.DataFrame(
+        [{"claim": "C1", "version": "both", "answer": "depends on the instrument", "statistics": 6,
+          "running text": "depends on the model or method", "cloze prompts": "does not hold"}]
+    )  # fmt: skip
+    rows = pd.DataFrame(
+        {"claim": "C1", "version": "both", "instrument": ["running text"] * 4 + ["cloze prompts"] * 2,
+         "verdict": ["holds", "does not hold", "does not hold", "inconclusive", "does not hold", "does not hold"]}
+    )  # fmt: skip
+    (line,) = analysis.headline_lines(answers, rows)
+    assert line.endswith(
+        "(depends on the model or method: running text (1 of 4 holds, 2 do not hold, 1 inconclusive); "
+        "does not hold: cloze prompts)."
+    )
+    assert analysis.count_words(pd.Series(["does not hold", "holds", "holds"])) == "2 of 3 hold, 1 does not hold"
+
+
+def test_sensitivity_table_by_hand():
+    # one prompt: the method keeps 0.6 of the reference's 0.8 at T = 0.5 (R = 0.25) and 0.4 of 0.5 at T = 1.5
+    # (R = 0.2): S = 0.25 - 0.2, and R is largest at T = 0.5
+    df = pd.DataFrame({"model": "m", "method": "nf4", "prompt_id": 1, "temperature": [0.5, 1.5],
+                       "p_answer": [0.6, 0.4], "ref_p_answer": [0.8, 0.5]})  # fmt: skip
+    curves, index = analysis.sensitivity_table(df, ["nf4"], low=[0.25, 0.8], high=[1.0, 2.0], n_boot=50)
+    assert curves["mean"].tolist() == pytest.approx([0.25, 0.2])
+    assert index["index"].iloc[0] == pytest.approx(0.05)
+    assert index["T_of_largest_R"].iloc[0] == 0.5

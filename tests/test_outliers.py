@@ -190,3 +190,19 @@ def test_max_pool_columns_keeps_a_lone_outlier_visible():
     assert pooled[1].tolist() == [0.0, 0.0, 0.9, 0.0] and pooled[0].max() == 0
     same, one = outliers.max_pool_columns(x, max_columns=10)
     assert one == 1 and np.array_equal(same, x)
+
+
+def test_llm_int8_matmul_by_hand():
+    """Column 2 holds 8 and 6.5 (>= 6): it is multiplied exactly. The rest, by hand: rows of x
+    [1, 0.5] and [-0.5, 1] become [127, 64] and [-64, 127] (absmax 1; 63.5 rounds to even), w's
+    [1, -1] becomes [127, -127]: 8001 / 127² and -24257 / 127², plus 8 * 0.5 and 6.5 * 0.5."""
+    x = torch.tensor([[1.0, 0.5, 8.0], [-0.5, 1.0, 6.5]])
+    w = torch.tensor([[1.0, -1.0, 0.5]])
+    y, outlier = outliers.llm_int8_matmul(x, w, threshold=6.0)
+    assert outlier.tolist() == [False, False, True]
+    assert y[:, 0].tolist() == pytest.approx([8001 / 16129 + 4.0, -24257 / 16129 + 3.25], abs=1e-12)
+    # no decomposition: row 0's absmax is the outlier 8, so 1 and 0.5 keep 16 and 8 of 127 levels
+    y0, none = outliers.llm_int8_matmul(x, w, threshold=0.0)
+    assert not none.any()
+    assert y0[0, 0].item() == pytest.approx((16 * 127 - 8 * 127 + 127 * 64) * 8 / 16129, abs=1e-12)
+    assert abs(y0[0, 0].item() - 4.5) > 5 * abs(y[0, 0].item() - 4.5)  # the outlier costs the others precision

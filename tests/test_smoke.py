@@ -174,6 +174,18 @@ def test_notebook_smoke(nb: Path, smoke_runs: SmokeRuns):
 # enough that a broken computation (a method not applied, a wrong scale, a lost row) crosses them.
 
 
+@checks("00_class_path")
+def _check_00():
+    toy, _ = table("00_class_path_toy_int8.csv")
+    assert toy.columns_in_full_precision.tolist() == [0, 1]  # the one outlier column, kept by LLM.int8() only
+    assert toy.max_abs_error.iloc[1] < toy.max_abs_error.iloc[0] / 3
+    tv, _ = table("00_class_path_tv_vs_temperature.csv")
+    assert set(tv.method) == {"int8", "nf4", "fp4"}  # the notebook's methods, fp32 being the reference
+    assert tv.mean_tv.between(0, 1).all()
+    greedy = tv[tv.temperature == 0]  # at T = 0 the TV is 1 where the greedy tokens differ, 0 where they agree
+    assert (greedy.mean_tv - (1 - greedy.top1_agree)).abs().max() < 1e-6
+
+
 @checks("01_load_and_quantize")
 def _check_01():
     own = PARAMS["01_load_and_quantize"]
