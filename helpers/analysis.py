@@ -135,6 +135,16 @@ def sensitivity_index(
     }
 
 
+def check_bands(low: Sequence[float], high: Sequence[float]) -> None:
+    """Fail at once on a temperature band that is not ``[low, high]`` or on low and high bands
+    that overlap (a temperature in both would count for and against a claim)."""
+    for name, band in (("low_band", low), ("high_band", high)):
+        if len(band) != 2 or band[0] > band[1]:
+            raise ValueError(f"{name} must be [low, high], got {list(band)}")
+    if low[1] >= high[0]:
+        raise ValueError(f"low_band {list(low)} and high_band {list(high)} overlap")
+
+
 def degradation_curve(
     df: pd.DataFrame, quality: str = "p_answer", reference_quality: str = "ref_p_answer", n_boot: int = 1000
 ) -> pd.DataFrame:

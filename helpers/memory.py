@@ -22,6 +22,14 @@ import torch
 
 from .runtime import synchronize, timed
 
+#: One colour per part of a model's bytes, the same in every memory figure (notebooks 01 and 03).
+PART_COLORS = {
+    "float": "#c7c7c7",  # unquantized float tensors (the embedding; every weight of an unquantized model)
+    "codes": "#4c72b0",  # the linear layers: int8 or packed 4-bit codes (float weights in notebook 03's fp32/bf16 bars)
+    "state": "#dd8452",  # quantization state: absmax, nested statistics, int8 row scales
+    "other": "#55a868",  # norms, biases, rotary tables
+}
+
 # --------------------------------------------------------------------------- peak memory
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")

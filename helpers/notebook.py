@@ -10,10 +10,12 @@ provenance cannot drift from the parameters cell.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from . import methods as registry
@@ -113,3 +115,42 @@ def setup(name: str, namespace: dict[str, Any], notebooks_dir: Path | None = Non
         dirs[key].mkdir(parents=True, exist_ok=True)
     sns.set_theme(style="whitegrid", context="notebook")
     return Notebook(name, params, dirs["data_dir"], dirs["figures_dir"], device, thread_info)
+
+
+# --------------------------------------------------------------------------- label placement
+def spread(values: Sequence[float], gap: float) -> np.ndarray:
+    """Positions near ``values``, in their order, at least ``gap`` apart and centred on them."""
+    order = np.argsort(values)
+    pos = np.asarray(values, dtype=float)[order]
+    for i in range(1, len(pos)):
+        pos[i] = max(pos[i], pos[i - 1] + gap)
+    pos -= (pos - np.sort(values)).mean()
+    out = np.empty_like(pos)
+    out[order] = pos
+    return out
+
+
+def label_right(ax, xs, ys, texts: Sequence[str], width: float, offset: float, gap: float) -> None:
+    """Label points (log axes) in columns to their right without overlaps: a label whose extent
+    along x (``width`` decades, starting ``offset`` decades right of its point) meets the column
+    before joins it; a column's labels stand right of all its points, spread apart along y (at
+    least ``gap`` decades, :func:`spread`), each with a leader line to its point (notebook 03's
+    roofline, where several methods share one spot)."""
+    left = np.log10(xs) + offset
+    columns = []  # [label indices, left edge]
+    for i in np.argsort(left):
+        if columns and left[i] < columns[-1][1] + width:
+            columns[-1][0].append(i)
+            columns[-1][1] = left[i]
+        else:
+            columns.append([[i], left[i]])
+    for members, edge in columns:
+        for i, y in zip(members, spread(np.log10(np.asarray(ys)[members]), gap)):
+            ax.annotate(
+                texts[i],
+                (xs[i], ys[i]),
+                (10**edge, 10**y),
+                fontsize=8,
+                va="center",
+                arrowprops=dict(arrowstyle="-", color="0.5", lw=0.6, shrinkA=0, shrinkB=4),
+            )

@@ -182,3 +182,11 @@ def test_sensitivity_table_by_hand():
     assert curves["mean"].tolist() == pytest.approx([0.25, 0.2])
     assert index["index"].iloc[0] == pytest.approx(0.05)
     assert index["T_of_largest_R"].iloc[0] == 0.5
+
+
+def test_check_bands_names_the_bad_band():
+    analysis.check_bands([0.25, 0.8], [1.0, 1.5])
+    with pytest.raises(ValueError, match="high_band must be"):
+        analysis.check_bands([0.25, 0.8], [1.5, 1.0])
+    with pytest.raises(ValueError, match="overlap"):
+        analysis.check_bands([0.25, 1.0], [1.0, 1.5])

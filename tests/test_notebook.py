@@ -6,6 +6,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -88,3 +89,12 @@ def test_panels_wrap_models_into_rows_of_two():
         assert tuple(fig.get_size_inches()) == (5.0 * shape[1], 3.0 * shape[0])
         assert axes[-1].get_subplotspec().rowspan.start == shape[0] - 1
         plt.close(fig)
+
+
+def test_spread_keeps_order_and_gap_and_stays_centred():
+    values = [1.0, 1.02, 1.01, 3.0]
+    pos = notebook.spread(values, gap=0.1)
+    assert list(np.argsort(pos)) == list(np.argsort(values))  # the labels keep their points' order
+    assert np.diff(np.sort(pos)).min() >= 0.1 - 1e-12
+    assert pos.mean() == pytest.approx(np.mean(values))  # centred on the points
+    assert notebook.spread([0.0, 5.0], gap=0.1).tolist() == [0.0, 5.0]  # far apart: left where they are
