@@ -3,6 +3,7 @@
 One module per concern, one line each; notebooks import what they need:
 
 - :mod:`helpers.models`        the embedded real models (GGUF in PyPI wheels -> safetensors), model names
+- :mod:`helpers.gguf`          GGUF files: tensor types, conversion to safetensors, the grids their types use
 - :mod:`helpers.methods`       the method registry (fp32 ... fp4-dq) and :func:`~helpers.methods.load`
 - :mod:`helpers.quantization`  codebooks, block-wise round trips, bits and bytes of quantized models
 - :mod:`helpers.evaluation`    perplexity on held-out text, seeded continuations (notebook 01)
@@ -12,14 +13,14 @@ One module per concern, one line each; notebooks import what they need:
 - :mod:`helpers.textscore`     next-word prediction on running text, its units and controls (notebook 04)
 - :mod:`helpers.documents`     running text per document: perplexity, the memorisation flag, verdicts without it
 - :mod:`helpers.efftemp`       effective temperature under three definitions, its controls, bootstrap refits
-- :mod:`helpers.analysis`      paired method-vs-reference comparisons over prompts, verdicts (notebook 04)
+- :mod:`helpers.analysis`      every claim's statistic and verdict (C1-C5, equal memory), the synthesis
 - :mod:`helpers.judge`         generations judged by another model in bits per novel byte, greedy loops
-- :mod:`helpers.timing`        speed measurement and the C4/C5 verdicts (notebook 03)
+- :mod:`helpers.timing`        speed measurement, the speed tables of every hardware class (notebook 03)
 - :mod:`helpers.memory`        what a model holds, peak memory, bandwidth and bytes per token
 - :mod:`helpers.outliers`      LLM.int8() outlier features from recorded activations (notebook 05)
 - :mod:`helpers.bits`          quality per model bit, larger-at-lower-precision (notebook 06)
 - :mod:`helpers.explorer`      the temperature explorer (notebook 07)
-- :mod:`helpers.stats`         block-bootstrap confidence intervals
+- :mod:`helpers.stats`         every bootstrap: blocks of tokens, rows of prompts, resampled sums
 - :mod:`helpers.store`         append-only results store that survives SIGKILL; the one cache-key rule
 - :mod:`helpers.provenance`    data files with their provenance sidecar
 - :mod:`helpers.runtime`       thread control, quiet logging, machine load, hardware class, a timer

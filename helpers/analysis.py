@@ -1,8 +1,15 @@
-"""Paired comparisons of methods against the reference, with bootstrap intervals over prompts.
+"""Every claim's statistic and verdict: C1–C3 (notebook 04), C4 and C5 (speed, notebook 03), larger at
+lower precision at equal memory (notebook 06), and the synthesis of notebook 04's instruments.
+
+The rules that turn an interval into a verdict are here, once: :func:`sign_verdict`,
+:func:`equivalence_verdict`, :func:`differs_verdict`, :func:`combine_verdicts`,
+:func:`instrument_verdict`, :func:`c4_c5_verdicts`, :func:`equal_memory_verdict`.
+
+**Paired comparisons** of methods against the reference, with bootstrap intervals over prompts.
 
 Every comparison in notebook 04 is a function of *means over prompts* of a few per-prompt
 columns (a method's quality, the reference's quality on the same prompt, in a band of
-temperatures ...). :func:`bootstrap_ci_of` resamples prompts (rows) with replacement, so all
+temperatures ...). :func:`helpers.stats.bootstrap_ci_of` resamples prompts (rows) with replacement, so all
 columns of a prompt move together: this pairing is what makes small differences between
 methods visible despite the large spread between prompts.
 
@@ -14,43 +21,19 @@ high T for that reason alone.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from . import efftemp
-from .stats import bootstrap_ci
+from .stats import bootstrap_ci, bootstrap_ci_of
 
 VERDICTS = ("holds", "does not hold", "inconclusive")
 #: a relative loss (or difference of losses) this close to 0 is no effect, whatever its interval
 NEGLIGIBLE = 1e-4
-
-
-def bootstrap_ci_of(
-    values: np.ndarray,
-    statistic: Callable[[np.ndarray], np.ndarray],
-    n_boot: int = 1000,
-    level: float = 0.95,
-    seed: int = 0,
-) -> tuple[float, float, float]:
-    """``(estimate, low, high)`` of ``statistic(column means)``, resampling the rows of ``values``.
-
-    ``values`` is ``[n_prompts, n_columns]``; ``statistic`` maps an array ``[..., n_columns]`` of
-    column means to ``[...]`` (so it is applied to all replicates at once).
-    """
-    x = np.asarray(values, dtype=np.float64)
-    if x.ndim != 2 or x.shape[0] == 0:
-        raise ValueError(f"values must be a non-empty 2-D array [prompts, columns], got shape {x.shape}")
-    if not 0 < level < 1 or n_boot < 1:
-        raise ValueError(f"need 0 < level < 1 and n_boot >= 1, got {level}, {n_boot}")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, x.shape[0], size=(n_boot, x.shape[0]))
-    reps = np.asarray(statistic(x[idx].mean(axis=1)), dtype=np.float64)
-    alpha = (1 - level) / 2
-    low, high = np.nanquantile(reps, [alpha, 1 - alpha])
-    return float(statistic(x.mean(axis=0))), float(low), float(high)
 
 
 def mean_ci_by(
@@ -863,3 +846,191 @@ def int8_cost_words(weights: tuple[float, float, float], full: tuple[float, floa
     return (
         f"weights alone {w:+.1f}%, weights and activations {f:+.1f}%: activation quantization is {part} of int8's cost"
     )
+
+
+# --------------------------------------------------------------------------- C4 and C5: speed (notebook 03)
+#: Unquantized 16-bit methods: C4 and C5 compare every method with the faster of them.
+SIXTEEN_BIT = ("bf16", "fp16")
+#: C4 ("int8 inference is much slower") holds when int8 decodes at less than this share of 16-bit speed.
+C4_MAX_RATIO = 0.5
+#: C5 ("unquantized 16-bit is fastest") is a tie, "inconclusive", when the fastest other method decodes within this
+#: fraction of the best 16-bit speed (bounds included): between two runs of notebook 03 on the same 2-core machine,
+#: SmolLM2's fastest 4-bit method went from 1.03x to 0.97x fp16, and the verdict with it.
+C5_TIE = 0.05
+_GROUP_KEYS = ("hardware_class", "model", "batch")
+
+
+def _speed_groups(summary: pd.DataFrame, exclude: Iterable[tuple[str, str]] = ()):
+    """``(keys, [(key values, method -> median decode tokens/s, best 16-bit method)])`` for the
+    groups of ``summary`` that hold a 16-bit method (the others cannot be judged); the
+    ``(model, method)`` pairs in ``exclude`` are left out."""
+    exclude = set(exclude)
+    if exclude:
+        summary = summary[[(m, k) not in exclude for m, k in zip(summary.model, summary.method)]]
+    keys = [k for k in _GROUP_KEYS if k in summary.columns]
+    out = []
+    for values, g in summary.groupby(keys, sort=False):
+        speed = g.set_index("method").decode_tokens_per_s.dropna()
+        sixteen = speed.reindex([m for m in SIXTEEN_BIT if m in speed.index])
+        if not sixteen.empty:
+            out.append((dict(zip(keys, values)), speed, sixteen.idxmax()))
+    return keys, out
+
+
+def speed_ratios(summary: pd.DataFrame, exclude: Iterable[tuple[str, str]] = ()) -> pd.DataFrame:
+    """Each method's median decode speed over the best unquantized 16-bit method's (``bf16`` or
+    ``fp16``) of the same (hardware class,) model and batch, without the ``(model, method)``
+    pairs in ``exclude``: columns ``[hardware_class,] model, batch, method, decode_tokens_per_s,
+    best_16bit, ratio_to_16bit``."""
+    keys, groups = _speed_groups(summary, exclude)
+    rows = [
+        {**k, "method": m, "decode_tokens_per_s": v, "best_16bit": best, "ratio_to_16bit": v / speed[best]}
+        for k, speed, best in groups
+        for m, v in speed.items()
+    ]
+    return pd.DataFrame(rows, columns=[*keys, "method", "decode_tokens_per_s", "best_16bit", "ratio_to_16bit"])
+
+
+def c4_c5_verdicts(summary: pd.DataFrame, exclude: Iterable[tuple[str, str]] = ()) -> pd.DataFrame:
+    """Roy (2023)'s speed claims per (hardware class,) model and batch, from median decode speeds.
+
+    **C4** (int8 inference is much slower) holds if int8 decodes at less than
+    :data:`C4_MAX_RATIO` of the best 16-bit method's speed; **C5** (unquantized 16-bit is
+    fastest) holds if the fastest other method decodes slower than the best 16-bit one, and is
+    "inconclusive" within :data:`C5_TIE` of it. Columns ``claim, [hardware_class,] model, batch,
+    verdict, ratio, numbers``; ``ratio`` is int8 / best 16-bit (C4) or fastest other method /
+    best 16-bit (C5). Groups without bf16 or fp16 get no verdict, groups without int8 no C4, groups
+    with 16-bit methods only no C5. The ``(model, method)`` pairs in ``exclude`` (e.g.
+    :func:`non_finite_methods`) are neither reference nor competitor.
+    """
+    keys, groups = _speed_groups(summary, exclude)
+    rows = []
+    for k, speed, best in groups:
+        base = speed[best]
+        if "int8" in speed:
+            r = speed["int8"] / base
+            rows.append(
+                {
+                    "claim": "C4",
+                    **k,
+                    "verdict": "holds" if r < C4_MAX_RATIO else "does not hold",
+                    "ratio": r,
+                    "numbers": f"int8 {speed['int8']:.1f} tok/s = {r:.2f} x best 16-bit ({best} {base:.1f}); "
+                    f"slowest: {speed.idxmin()} {speed.min():.1f}",
+                }
+            )
+        others = speed.drop(list(SIXTEEN_BIT), errors="ignore")
+        if others.empty:
+            continue
+        r = others.max() / base
+        rows.append(
+            {
+                "claim": "C5",
+                **k,
+                "verdict": "inconclusive" if abs(r - 1) <= C5_TIE + 1e-9 else ("holds" if r < 1 else "does not hold"),
+                "ratio": r,
+                "numbers": f"fastest other than 16-bit: {others.idxmax()} {others.max():.1f} tok/s = {r:.2f} x best "
+                f"16-bit ({best} {base:.1f})",
+            }
+        )
+    return pd.DataFrame(rows, columns=["claim", *keys, "verdict", "ratio", "numbers"])
+
+
+def verdict_counts(verdicts: list[str]) -> str:
+    """Several models' verdicts on one claim in a few words: the verdict itself where all agree,
+    else how many models each verdict has (``holds on 3, does not hold on 1 of 4 models``)."""
+    counts = Counter(verdicts)  # in order of first appearance
+    if len(counts) == 1:
+        return verdicts[0]
+    return ", ".join(f"{v} on {k}" for v, k in counts.items()) + f" of {len(verdicts)} models"
+
+
+def side_by_side(verdicts: pd.DataFrame, reference: pd.DataFrame | None = None) -> pd.DataFrame:
+    """C4 and C5 with one column per hardware class: rows ``(claim, batch, model)``, cells
+    ``"holds (0.27)"`` (verdict and ratio). ``reference`` (verdicts of another table, such as
+    lit-gpt's A100 one, on another model) adds one last column, filled on the rows of its claim
+    and batch."""
+    cells = verdicts.assign(cell=verdicts.verdict + " (" + verdicts.ratio.map("{:.2f}".format) + ")")
+    wide = cells.pivot_table(
+        index=["claim", "batch", "model"], columns="hardware_class", values="cell", aggfunc="first", sort=False
+    )
+    wide = wide.reindex(columns=list(dict.fromkeys(verdicts.hardware_class))).fillna("")
+    wide = wide.sort_index(level=["claim", "batch"], sort_remaining=False)
+    wide.columns.name = None
+    if reference is not None:
+        for r in reference.itertuples():
+            col = f"{r.hardware_class} ({r.model}, batch {r.batch})"
+            if col not in wide:
+                wide[col] = ""
+            rows = (wide.index.get_level_values("claim") == r.claim) & (wide.index.get_level_values("batch") == r.batch)
+            wide.loc[rows, col] = f"{r.verdict} ({r.ratio:.2f})"
+    return wide
+
+
+# --------------------------------------------------------------------------- larger at lower precision (notebook 06)
+#: the verdicts of :func:`equal_memory_verdict`, and the outcome of one equal-memory pair
+EQUAL_MEMORY_VERDICTS = ("holds", "does not hold", "inconclusive", "cannot be tested at this scale", "cannot be tested")
+OUTCOMES = ("larger better", "smaller better", "not resolved")
+
+
+def pair_outcome(low: float, high: float) -> str:
+    """From the interval of ``bpb(larger) - bpb(smaller)``: ``larger better`` if it lies below 0,
+    ``smaller better`` if above, else ``not resolved``."""
+    if high < 0:
+        return "larger better"
+    if low > 0:
+        return "smaller better"
+    return "not resolved"
+
+
+def equal_memory_verdict(pairs: pd.DataFrame, n_models: int = 2) -> tuple[str, str]:
+    """``(verdict, why)`` from :func:`equal_memory_pairs` rows with ``diff_low``/``diff_high`` (the
+    interval of the bits-per-byte difference, larger minus smaller) for the eligible ones.
+
+    Decided on the eligible pairs inside one model family (where size and precision are all that
+    differ); pairs across families are confounded by tokenizer and training data and never
+    decide. holds: every deciding pair favours the larger model; does not hold: none does and at
+    least one favours the smaller; inconclusive: otherwise; cannot be tested (at this scale): one
+    model, or no eligible pair inside a family.
+    """
+    if n_models < 2:
+        return "cannot be tested", "only one model"
+    if pairs.empty:
+        return (
+            "cannot be tested at this scale",
+            "no pair of a larger model at a lower precision and a smaller one at a higher",
+        )
+    same = pairs.same_family.astype(bool) if "same_family" in pairs else pd.Series(True, index=pairs.index)
+    deciding = pairs[pairs.eligible.astype(bool) & same]
+    if deciding.empty:
+        pool = pairs[same] if same.any() else pairs
+        best = pool.loc[pool.memory_ratio.idxmin()]
+        where = "" if same.all() else " inside one model family"
+        return (
+            "cannot be tested at this scale",
+            f"no pair at equal memory{where}: the closest, {best.larger} {best.larger_family} vs {best.smaller} "
+            f"{best.smaller_family}, needs {best.memory_ratio:.2f}x the bits ({best.larger_bits / 1e6:.0f} vs "
+            f"{best.smaller_bits / 1e6:.0f} Mbit)",
+        )
+    outcomes = [pair_outcome(lo, hi) for lo, hi in zip(deciding.diff_low, deciding.diff_high)]
+    n, k_large, k_small = len(outcomes), outcomes.count("larger better"), outcomes.count("smaller better")
+    verdict = "holds" if k_large == n else "does not hold" if k_large == 0 and k_small > 0 else "inconclusive"
+    within = "" if same.all() else " inside one model family"
+    why = (
+        f"{k_large} of {n} equal-memory pairs{within} (one per precision family) favour the larger model, {k_small} "
+        f"the smaller, {n - k_large - k_small} not resolved by the 95% paired interval"
+    )
+    return verdict, why
+
+
+def combined_verdict(verdicts: dict[str, str]) -> str:
+    """One verdict over analysis choices (e.g. memory conventions): the verdict they share where
+    every testable choice agrees (naming the choices where only some can test it), ``depends on ...``
+    where they differ, ``cannot be tested`` where none can test it."""
+    testable = {k: v for k, v in verdicts.items() if not v.startswith("cannot be tested")}
+    if not testable:
+        return "cannot be tested at this scale"
+    if len(set(testable.values())) == 1:
+        verdict = next(iter(testable.values()))
+        return verdict if len(testable) == len(verdicts) else f"{verdict} ({' and '.join(testable)} only)"
+    return "depends on the memory convention (" + "; ".join(f"{k}: {v}" for k, v in testable.items()) + ")"

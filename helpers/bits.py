@@ -18,7 +18,8 @@ one piece of evidence, represented by its first method in the registry's order.
 **The equal-memory claim** (Dettmers & Zettlemoyer 2022): a larger model at a lower precision
 beats a smaller model at a higher precision that needs at least as many bits.
 :func:`equal_memory_pairs` lists the pairs of precision families at deployment precisions (16
-bits and below), :func:`equal_memory_verdict` decides from those that are eligible.
+bits and below); :func:`helpers.analysis.equal_memory_verdict`, with every other claim's verdict,
+decides from those that are eligible.
 """
 
 from __future__ import annotations
@@ -39,8 +40,6 @@ from .evaluation import token_windows
 from .runtime import synchronize
 
 LN2 = math.log(2)
-VERDICTS = ("holds", "does not hold", "inconclusive", "cannot be tested at this scale", "cannot be tested")
-OUTCOMES = ("larger better", "smaller better", "not resolved")
 
 
 # --------------------------------------------------------------------------- text and spans
@@ -328,69 +327,6 @@ def equal_memory_pairs(table: pd.DataFrame, max_precision_bits: float = 16, tole
                 )
     columns = ["larger", "larger_family", "smaller", "smaller_family", "larger_bits", "smaller_bits"]
     return pd.DataFrame(rows, columns=[*columns, "memory_ratio", "eligible", "same_family"])
-
-
-def pair_outcome(low: float, high: float) -> str:
-    """From the interval of ``bpb(larger) - bpb(smaller)``: ``larger better`` if it lies below 0,
-    ``smaller better`` if above, else ``not resolved``."""
-    if high < 0:
-        return "larger better"
-    if low > 0:
-        return "smaller better"
-    return "not resolved"
-
-
-def equal_memory_verdict(pairs: pd.DataFrame, n_models: int = 2) -> tuple[str, str]:
-    """``(verdict, why)`` from :func:`equal_memory_pairs` rows with ``diff_low``/``diff_high`` (the
-    interval of the bits-per-byte difference, larger minus smaller) for the eligible ones.
-
-    Decided on the eligible pairs inside one model family (where size and precision are all that
-    differ); pairs across families are confounded by tokenizer and training data and never
-    decide. holds: every deciding pair favours the larger model; does not hold: none does and at
-    least one favours the smaller; inconclusive: otherwise; cannot be tested (at this scale): one
-    model, or no eligible pair inside a family.
-    """
-    if n_models < 2:
-        return "cannot be tested", "only one model"
-    if pairs.empty:
-        return (
-            "cannot be tested at this scale",
-            "no pair of a larger model at a lower precision and a smaller one at a higher",
-        )
-    same = pairs.same_family.astype(bool) if "same_family" in pairs else pd.Series(True, index=pairs.index)
-    deciding = pairs[pairs.eligible.astype(bool) & same]
-    if deciding.empty:
-        pool = pairs[same] if same.any() else pairs
-        best = pool.loc[pool.memory_ratio.idxmin()]
-        where = "" if same.all() else " inside one model family"
-        return (
-            "cannot be tested at this scale",
-            f"no pair at equal memory{where}: the closest, {best.larger} {best.larger_family} vs {best.smaller} "
-            f"{best.smaller_family}, needs {best.memory_ratio:.2f}x the bits ({best.larger_bits / 1e6:.0f} vs "
-            f"{best.smaller_bits / 1e6:.0f} Mbit)",
-        )
-    outcomes = [pair_outcome(lo, hi) for lo, hi in zip(deciding.diff_low, deciding.diff_high)]
-    n, k_large, k_small = len(outcomes), outcomes.count("larger better"), outcomes.count("smaller better")
-    verdict = "holds" if k_large == n else "does not hold" if k_large == 0 and k_small > 0 else "inconclusive"
-    within = "" if same.all() else " inside one model family"
-    why = (
-        f"{k_large} of {n} equal-memory pairs{within} (one per precision family) favour the larger model, {k_small} "
-        f"the smaller, {n - k_large - k_small} not resolved by the 95% paired interval"
-    )
-    return verdict, why
-
-
-def combined_verdict(verdicts: dict[str, str]) -> str:
-    """One verdict over analysis choices (e.g. memory conventions): the verdict they share where
-    every testable choice agrees (naming the choices where only some can test it), ``depends on ...``
-    where they differ, ``cannot be tested`` where none can test it."""
-    testable = {k: v for k, v in verdicts.items() if not v.startswith("cannot be tested")}
-    if not testable:
-        return "cannot be tested at this scale"
-    if len(set(testable.values())) == 1:
-        verdict = next(iter(testable.values()))
-        return verdict if len(testable) == len(verdicts) else f"{verdict} ({' and '.join(testable)} only)"
-    return "depends on the memory convention (" + "; ".join(f"{k}: {v}" for k, v in testable.items()) + ")"
 
 
 def budget_pair(reps: pd.DataFrame) -> tuple[str, str]:

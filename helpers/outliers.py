@@ -221,6 +221,39 @@ def max_pool_columns(values: np.ndarray, max_columns: int = 256) -> tuple[np.nda
     return padded.reshape(x.shape[0], -1, width).max(axis=2), width
 
 
+def decomposition_summary(sweep: pd.DataFrame, tokens: int) -> str:
+    """What one model's threshold sweep (notebook 05) says about LLM.int8()'s decomposition, in
+    words. ``sweep`` is indexed by threshold (0: no decomposition) with the paired perplexity
+    change against no decomposition (``vs_no_decomposition`` and its ``_low``/``_high``
+    interval), ``kl`` from fp32 and ``above_every_activation``. The decomposition *matters* where
+    an interval lies below 0, *costs* where one lies above; estimates above 0 inside their
+    interval are noise, and then the KL from fp32 (which chance cannot lower) is quoted when it
+    fell at the finest threshold."""
+    swept = [t for t in sweep.index if t > 0 and not sweep.above_every_activation[t]]
+    better = [t for t in swept if sweep.vs_no_decomposition_high[t] < 0]
+    worse = [t for t in swept if sweep.vs_no_decomposition_low[t] > 0]
+    above = [t for t in swept if sweep.vs_no_decomposition[t] > 0 and t not in worse]
+    names = lambda ts: ", ".join(f"{t:g}" for t in ts)  # noqa: E731
+    if better:
+        short = f"the decomposition matters: perplexity below no decomposition, the paired interval excluding 0 at threshold(s) {names(better)}"
+    elif worse:
+        short = f"the decomposition costs perplexity: above no decomposition, resolved at threshold(s) {names(worse)}"
+    else:
+        short = f"perplexity on {tokens} tokens does not resolve the decomposition's effect at any threshold"
+    if above:
+        short += (
+            f"; the estimates above no decomposition at threshold(s) {names(above)} lie within their intervals "
+            "(consistent with noise)"
+        )
+        finest, off = min(t for t in sweep.index if t > 0), sweep.kl[0.0]
+        if sweep.kl[finest] < off:
+            short += (
+                f", while the KL from fp32, which chance cannot lower, falls from {off:.4f} without "
+                f"decomposition to {sweep.kl[finest]:.4f} at threshold {finest:g}"
+            )
+    return short
+
+
 def llm_int8_matmul(x: torch.Tensor, w: torch.Tensor, threshold: float = 6.0) -> tuple[torch.Tensor, torch.Tensor]:
     """``x @ w.T`` the way LLM.int8() computes it (Dettmers et al. 2022, Sec. 3), in plain torch
     for teaching: every input column holding a value with ``|x| >= threshold`` (an outlier

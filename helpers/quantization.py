@@ -13,8 +13,8 @@ Three concerns of notebook 01 (and later 06) that are worth testing on their own
   bits per parameter that follow.
 * **Teaching measures.** Useful levels of a codebook and how evenly real weights use them, one
   block traced step by step, what double quantization does to the scales, signal-to-quantization
-  -noise ratios, where the squared error comes from, weight-only simulation of a method inside a
-  float model, and the GGUF Q4_1 grid the embedded baselines sit on.
+  -noise ratios, where the squared error comes from, and weight-only simulation of a method inside
+  a float model. The GGUF grids the embedded baselines sit on are in :mod:`helpers.gguf`.
 """
 
 from __future__ import annotations
@@ -76,11 +76,18 @@ def normal_quantiles(n: int = 16) -> torch.Tensor:
     return (q / q.abs().max()).float()
 
 
+def level_groups(values: torch.Tensor, tol: float) -> list[tuple[float, int]]:
+    """``(centre, number of values)`` of each level a codebook can really tell apart: sorted values
+    closer than ``tol`` to their neighbour count as one (single linkage). FP4's +0, -0 and +-0.0052
+    become one level of 4 codes."""
+    v = values.detach().double().flatten().sort().values.numpy()
+    groups = np.split(v, np.flatnonzero(np.diff(v) >= tol) + 1) if v.size else []
+    return [(float(g.mean()), len(g)) for g in groups]
+
+
 def distinct_levels(values: torch.Tensor, tol: float) -> int:
-    """Levels a codebook can really tell apart: sorted values closer than ``tol`` to their
-    neighbour count as one (single linkage). FP4's +0, -0 and +-0.0052 become one level."""
-    v = values.detach().double().flatten().sort().values
-    return 0 if v.numel() == 0 else 1 + int((v.diff() >= tol).sum())
+    """How many levels :func:`level_groups` finds."""
+    return len(level_groups(values, tol))
 
 
 def worst_rounding_error(values: torch.Tensor) -> float:
@@ -495,46 +502,6 @@ def storage_report(model: torch.nn.Module) -> StorageReport:
     return StorageReport(q_params, q_payload, q_state, o_params, o_bytes)
 
 
-# --------------------------------------------------------------------------- GGUF grids (notebook 06)
-#: Quantization step of the GGUF types the embedded models ship in, per block of 32 weights:
-#: ("absmax", d) -> step = absmax / d (symmetric types); ("range", d) -> step = (max - min) / d
-#: (types with a per-block minimum). K-quants use 32-weight sub-blocks inside 256-weight
-#: super-blocks; their sub-block step is approximated the same way.
-GGUF_STEPS: dict[str, tuple[str, int]] = {
-    "Q4_0": ("absmax", 8),
-    "Q5_0": ("absmax", 16),
-    "Q8_0": ("absmax", 127),
-    "Q6_K": ("absmax", 32),
-    "Q3_K": ("absmax", 4),
-    "Q4_1": ("range", 15),
-    "Q5_1": ("range", 31),
-    "Q2_K": ("range", 3),
-    "Q4_K": ("range", 15),
-    "Q5_K": ("range", 31),
-}
-
-
-def gguf_step(weight: torch.Tensor, gguf_type: str, block: int = 32) -> torch.Tensor:
-    """Per-block quantization step of ``gguf_type`` for ``weight``, one value per weight."""
-    if gguf_type not in GGUF_STEPS:
-        raise ValueError(f"no step rule for GGUF type {gguf_type!r}; known: {', '.join(GGUF_STEPS)}")
-    kind, d = GGUF_STEPS[gguf_type]
-    w = weight.detach().float().reshape(-1)
-    if w.numel() % block:
-        raise ValueError(f"{w.numel()} weights do not split into blocks of {block}")
-    b = w.reshape(-1, block)
-    step = b.abs().amax(1) / d if kind == "absmax" else (b.amax(1) - b.amin(1)) / d
-    return step.repeat_interleave(block).reshape(weight.shape)
-
-
-def off_grid(weight: torch.Tensor, gguf_type: str, generator: torch.Generator, block: int = 32) -> torch.Tensor:
-    """``weight`` plus uniform noise of +-step/2 of its GGUF grid: weights of the same error size
-    as the GGUF quantization that produced them, but no longer on its grid."""
-    step = gguf_step(weight, gguf_type, block)
-    noise = (torch.rand(weight.shape, generator=generator) - 0.5) * step
-    return (weight.detach().float() + noise).to(weight.dtype)
-
-
 def total_bits(
     quantized_payload_bytes: int,
     quant_state_bytes: int,
@@ -549,24 +516,3 @@ def total_bits(
         raise ValueError("give exactly one of other_bits and other_bytes")
     other = other_bytes * 8 if other_bytes is not None else other_params * other_bits
     return 8 * (quantized_payload_bytes + quant_state_bytes) + other
-
-
-def q4_1_grid(block: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """The 16 values a GGUF Q4_1 block can hold, recovered from its dequantized weights:
-    ``min + step * k`` for k = 0..15 with ``step = (max - min) / 15`` (llama.cpp's reference
-    ``quantize_row_q4_1`` maps the block minimum to code 0 and the maximum to code 15)."""
-    b = block.detach().double().flatten()
-    lo, hi = float(b.min()), float(b.max())
-    step = (hi - lo) / 15
-    return torch.tensor([lo + step * k for k in range(16)], dtype=torch.float64), step
-
-
-def grid_distance(values: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    """Distance of each value to the nearest grid point."""
-    v, g = values.detach().double().flatten(), grid.detach().double().flatten()
-    return (v[:, None] - g[None, :]).abs().amin(dim=1)
-
-
-def bits_per_parameter_q4_1(block: int = 32) -> float:
-    """GGUF Q4_1: 4-bit codes plus an fp16 scale and an fp16 minimum per block, ``4 + 32/32 = 5``."""
-    return 4 + (16 + 16) / block

@@ -1,4 +1,4 @@
-"""Bootstrap confidence intervals.
+"""Bootstrap confidence intervals: every resampling of the compendium is here.
 
 Tokens of one text are not independent, so intervals over per-token values resample
 contiguous *blocks* of tokens (a moving-block bootstrap); ``block=1`` is the ordinary
@@ -7,6 +7,8 @@ blocks for both, which is what makes small differences between methods visible.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 
@@ -41,6 +43,31 @@ def bootstrap_ci(
     alpha = (1 - level) / 2
     low, high = np.quantile(reps, [alpha, 1 - alpha])
     return float(np.mean(values)), float(low), float(high)
+
+
+def bootstrap_ci_of(
+    values: np.ndarray,
+    statistic: Callable[[np.ndarray], np.ndarray],
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """``(estimate, low, high)`` of ``statistic(column means)``, resampling the rows of ``values``.
+
+    ``values`` is ``[n_prompts, n_columns]``; ``statistic`` maps an array ``[..., n_columns]`` of
+    column means to ``[...]`` (so it is applied to all replicates at once).
+    """
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError(f"values must be a non-empty 2-D array [prompts, columns], got shape {x.shape}")
+    if not 0 < level < 1 or n_boot < 1:
+        raise ValueError(f"need 0 < level < 1 and n_boot >= 1, got {level}, {n_boot}")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, x.shape[0], size=(n_boot, x.shape[0]))
+    reps = np.asarray(statistic(x[idx].mean(axis=1)), dtype=np.float64)
+    alpha = (1 - level) / 2
+    low, high = np.nanquantile(reps, [alpha, 1 - alpha])
+    return float(statistic(x.mean(axis=0))), float(low), float(high)
 
 
 def resampled_sums_ci(

@@ -20,9 +20,10 @@
 * **Resumable.** :class:`SpeedBenchmark` times one (model, method, batch size) unit at a time
   and stores each through :class:`helpers.store.ResultStore` (the mechanism of notebook 02's
   sweep too), in a folder per hardware class (:func:`helpers.runtime.hardware_class`).
-* **Verdicts.** :func:`c4_c5_verdicts` decides Roy (2023)'s speed claims C4 and C5 from a summary
-  (:func:`summarize`), for this run, for every hardware class stored in ``data/``
-  (:func:`class_summaries`) and for lit-gpt's A100 table (:func:`litgpt_a100_summary`).
+* **Verdicts** on Roy (2023)'s speed claims C4 and C5 are decided, like every claim's, in
+  :mod:`helpers.analysis` (:func:`helpers.analysis.c4_c5_verdicts`), from a summary
+  (:func:`summarize`) of this run, of every hardware class stored in ``data/``
+  (:func:`class_summaries`) and of lit-gpt's A100 table (:func:`litgpt_a100_summary`).
 """
 
 from __future__ import annotations
@@ -31,8 +32,7 @@ import hashlib
 import re
 import time
 import warnings
-from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -439,14 +439,6 @@ def summarize(runs: pd.DataFrame, read_GBps: float) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------- claims C4 and C5
-#: Unquantized 16-bit methods: C4 and C5 compare every method with the faster of them.
-SIXTEEN_BIT = ("bf16", "fp16")
-#: C4 ("int8 inference is much slower") holds when int8 decodes at less than this share of 16-bit speed.
-C4_MAX_RATIO = 0.5
-#: C5 ("unquantized 16-bit is fastest") is a tie, "inconclusive", when the fastest other method decodes within this
-#: fraction of the best 16-bit speed (bounds included): between two runs of notebook 03 on the same 2-core machine,
-#: SmolLM2's fastest 4-bit method went from 1.03x to 0.97x fp16, and the verdict with it.
-C5_TIE = 0.05
 #: lit-gpt's quantization tutorial: falcon-7b on one A100, 256 new tokens, (tokens/s, GB of GPU memory).
 LITGPT_A100 = {
     "bf16": (47.66, 14.50),
@@ -458,12 +450,11 @@ LITGPT_A100 = {
 }
 LITGPT_A100_SOURCE = "https://github.com/Lightning-AI/litgpt/blob/main/tutorials/quantize.md"
 LITGPT_A100_LABEL = "lit-gpt A100"
-_GROUP_KEYS = ("hardware_class", "model", "batch")
 
 
 def litgpt_a100_summary() -> pd.DataFrame:
-    """lit-gpt's A100 table (:data:`LITGPT_A100`) as a summary that :func:`c4_c5_verdicts` and
-    :func:`speed_ratios` take: falcon-7b, batch 1, 256 new tokens."""
+    """lit-gpt's A100 table (:data:`LITGPT_A100`) as a summary that :func:`helpers.analysis.c4_c5_verdicts`
+    and :func:`helpers.analysis.speed_ratios` take: falcon-7b, batch 1, 256 new tokens."""
     return pd.DataFrame(
         [
             {
@@ -485,113 +476,6 @@ def non_finite_methods(methods_table: pd.DataFrame) -> set[tuple[str, str]]:
     table (fp16 on Gemma-3 overflows): fast output that cannot be used is no speed reference."""
     bad = methods_table[~methods_table.finite_logits.astype(bool)]
     return set(zip(bad.model, bad.method))
-
-
-def _speed_groups(summary: pd.DataFrame, exclude: Iterable[tuple[str, str]] = ()):
-    """``(keys, [(key values, method -> median decode tokens/s, best 16-bit method)])`` for the
-    groups of ``summary`` that hold a 16-bit method (the others cannot be judged); the
-    ``(model, method)`` pairs in ``exclude`` are left out."""
-    exclude = set(exclude)
-    if exclude:
-        summary = summary[[(m, k) not in exclude for m, k in zip(summary.model, summary.method)]]
-    keys = [k for k in _GROUP_KEYS if k in summary.columns]
-    out = []
-    for values, g in summary.groupby(keys, sort=False):
-        speed = g.set_index("method").decode_tokens_per_s.dropna()
-        sixteen = speed.reindex([m for m in SIXTEEN_BIT if m in speed.index])
-        if not sixteen.empty:
-            out.append((dict(zip(keys, values)), speed, sixteen.idxmax()))
-    return keys, out
-
-
-def speed_ratios(summary: pd.DataFrame, exclude: Iterable[tuple[str, str]] = ()) -> pd.DataFrame:
-    """Each method's median decode speed over the best unquantized 16-bit method's (``bf16`` or
-    ``fp16``) of the same (hardware class,) model and batch, without the ``(model, method)``
-    pairs in ``exclude``: columns ``[hardware_class,] model, batch, method, decode_tokens_per_s,
-    best_16bit, ratio_to_16bit``."""
-    keys, groups = _speed_groups(summary, exclude)
-    rows = [
-        {**k, "method": m, "decode_tokens_per_s": v, "best_16bit": best, "ratio_to_16bit": v / speed[best]}
-        for k, speed, best in groups
-        for m, v in speed.items()
-    ]
-    return pd.DataFrame(rows, columns=[*keys, "method", "decode_tokens_per_s", "best_16bit", "ratio_to_16bit"])
-
-
-def c4_c5_verdicts(summary: pd.DataFrame, exclude: Iterable[tuple[str, str]] = ()) -> pd.DataFrame:
-    """Roy (2023)'s speed claims per (hardware class,) model and batch, from median decode speeds.
-
-    **C4** (int8 inference is much slower) holds if int8 decodes at less than
-    :data:`C4_MAX_RATIO` of the best 16-bit method's speed; **C5** (unquantized 16-bit is
-    fastest) holds if the fastest other method decodes slower than the best 16-bit one, and is
-    "inconclusive" within :data:`C5_TIE` of it. Columns ``claim, [hardware_class,] model, batch,
-    verdict, ratio, numbers``; ``ratio`` is int8 / best 16-bit (C4) or fastest other method /
-    best 16-bit (C5). Groups without bf16 or fp16 get no verdict, groups without int8 no C4, groups
-    with 16-bit methods only no C5. The ``(model, method)`` pairs in ``exclude`` (e.g.
-    :func:`non_finite_methods`) are neither reference nor competitor.
-    """
-    keys, groups = _speed_groups(summary, exclude)
-    rows = []
-    for k, speed, best in groups:
-        base = speed[best]
-        if "int8" in speed:
-            r = speed["int8"] / base
-            rows.append(
-                {
-                    "claim": "C4",
-                    **k,
-                    "verdict": "holds" if r < C4_MAX_RATIO else "does not hold",
-                    "ratio": r,
-                    "numbers": f"int8 {speed['int8']:.1f} tok/s = {r:.2f} x best 16-bit ({best} {base:.1f}); "
-                    f"slowest: {speed.idxmin()} {speed.min():.1f}",
-                }
-            )
-        others = speed.drop(list(SIXTEEN_BIT), errors="ignore")
-        if others.empty:
-            continue
-        r = others.max() / base
-        rows.append(
-            {
-                "claim": "C5",
-                **k,
-                "verdict": "inconclusive" if abs(r - 1) <= C5_TIE + 1e-9 else ("holds" if r < 1 else "does not hold"),
-                "ratio": r,
-                "numbers": f"fastest other than 16-bit: {others.idxmax()} {others.max():.1f} tok/s = {r:.2f} x best "
-                f"16-bit ({best} {base:.1f})",
-            }
-        )
-    return pd.DataFrame(rows, columns=["claim", *keys, "verdict", "ratio", "numbers"])
-
-
-def verdict_counts(verdicts: list[str]) -> str:
-    """Several models' verdicts on one claim in a few words: the verdict itself where all agree,
-    else how many models each verdict has (``holds on 3, does not hold on 1 of 4 models``)."""
-    counts = Counter(verdicts)  # in order of first appearance
-    if len(counts) == 1:
-        return verdicts[0]
-    return ", ".join(f"{v} on {k}" for v, k in counts.items()) + f" of {len(verdicts)} models"
-
-
-def side_by_side(verdicts: pd.DataFrame, reference: pd.DataFrame | None = None) -> pd.DataFrame:
-    """C4 and C5 with one column per hardware class: rows ``(claim, batch, model)``, cells
-    ``"holds (0.27)"`` (verdict and ratio). ``reference`` (verdicts of another table, such as
-    lit-gpt's A100 one, on another model) adds one last column, filled on the rows of its claim
-    and batch."""
-    cells = verdicts.assign(cell=verdicts.verdict + " (" + verdicts.ratio.map("{:.2f}".format) + ")")
-    wide = cells.pivot_table(
-        index=["claim", "batch", "model"], columns="hardware_class", values="cell", aggfunc="first", sort=False
-    )
-    wide = wide.reindex(columns=list(dict.fromkeys(verdicts.hardware_class))).fillna("")
-    wide = wide.sort_index(level=["claim", "batch"], sort_remaining=False)
-    wide.columns.name = None
-    if reference is not None:
-        for r in reference.itertuples():
-            col = f"{r.hardware_class} ({r.model}, batch {r.batch})"
-            if col not in wide:
-                wide[col] = ""
-            rows = (wide.index.get_level_values("claim") == r.claim) & (wide.index.get_level_values("batch") == r.batch)
-            wide.loc[rows, col] = f"{r.verdict} ({r.ratio:.2f})"
-    return wide
 
 
 # --------------------------------------------------------------------------- hardware classes side by side

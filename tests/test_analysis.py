@@ -4,16 +4,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from helpers import analysis
+from helpers import analysis, stats
 
 
 def test_bootstrap_of_column_means_matches_the_plain_estimate_and_covers_it():
     x = np.array([[1.0, 2.0], [3.0, 2.0], [5.0, 2.0], [7.0, 2.0]])
-    est, lo, hi = analysis.bootstrap_ci_of(x, lambda m: m[..., 0] / m[..., 1], n_boot=2000)
+    est, lo, hi = stats.bootstrap_ci_of(x, lambda m: m[..., 0] / m[..., 1], n_boot=2000)
     assert est == pytest.approx(2.0)  # mean 4 / mean 2
     assert 0.5 <= lo < est < hi <= 3.5  # resampled means of column 0 lie in [1, 7]
     # identical rows: no spread at all
-    est, lo, hi = analysis.bootstrap_ci_of(np.ones((5, 2)), lambda m: m[..., 0] - m[..., 1])
+    est, lo, hi = stats.bootstrap_ci_of(np.ones((5, 2)), lambda m: m[..., 0] - m[..., 1])
     assert (est, lo, hi) == (0.0, 0.0, 0.0)
 
 
@@ -21,14 +21,14 @@ def test_pairing_shrinks_the_interval_of_a_difference():
     rng = np.random.default_rng(0)
     base = rng.normal(0, 10, 200)  # large spread between prompts
     x = np.stack([base + 1.0 + rng.normal(0, 0.1, 200), base], axis=1)
-    est, lo, hi = analysis.bootstrap_ci_of(x, lambda m: m[..., 0] - m[..., 1])
+    est, lo, hi = stats.bootstrap_ci_of(x, lambda m: m[..., 0] - m[..., 1])
     assert est == pytest.approx(1.0, abs=0.05) and lo > 0.9 and hi < 1.1
 
 
 @pytest.mark.parametrize("bad", [np.ones(3), np.ones((0, 2))])
 def test_bootstrap_rejects_bad_shapes(bad):
     with pytest.raises(ValueError, match="2-D"):
-        analysis.bootstrap_ci_of(bad, lambda m: m[..., 0])
+        stats.bootstrap_ci_of(bad, lambda m: m[..., 0])
 
 
 def _rows(q_low, q_high, ref_low=0.8, ref_high=0.4, prompts=4):

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import bits, evaluation
+from helpers import analysis, bits, evaluation
 
 
 class _WordTokenizer:
@@ -193,19 +193,19 @@ def test_equal_memory_verdict_by_hand():
         return pairs.assign(diff_low=list(lo), diff_high=list(hi))
 
     # the third interval belongs to an ineligible pair and never counts
-    assert bits.equal_memory_verdict(with_ci((-0.2, -0.1), (-0.05, -0.01), (0.1, 0.2)))[0] == "holds"
-    assert bits.equal_memory_verdict(with_ci((0.1, 0.2), (-0.01, 0.02), (-1, -0.5)))[0] == "does not hold"
-    verdict, why = bits.equal_memory_verdict(with_ci((-0.2, -0.1), (0.01, 0.02), (0, 0)))
+    assert analysis.equal_memory_verdict(with_ci((-0.2, -0.1), (-0.05, -0.01), (0.1, 0.2)))[0] == "holds"
+    assert analysis.equal_memory_verdict(with_ci((0.1, 0.2), (-0.01, 0.02), (-1, -0.5)))[0] == "does not hold"
+    verdict, why = analysis.equal_memory_verdict(with_ci((-0.2, -0.1), (0.01, 0.02), (0, 0)))
     assert verdict == "inconclusive" and why.startswith("1 of 2 equal-memory pairs") and "1 the smaller" in why
-    assert bits.equal_memory_verdict(with_ci((-0.2, 0.1), (-0.3, 0.1), (0, 0)))[0] == "inconclusive"
+    assert analysis.equal_memory_verdict(with_ci((-0.2, 0.1), (-0.3, 0.1), (0, 0)))[0] == "inconclusive"
     # the larger model always needs more bits: cannot be tested, naming the closest pair
     far = bits.equal_memory_pairs(_families({"16-bit": 2152, "int8": 1308}, {"int8": 3491, "nf4": 3137}))
-    verdict, why = bits.equal_memory_verdict(far)
+    verdict, why = analysis.equal_memory_verdict(far)
     assert verdict == "cannot be tested at this scale"
     assert "L nf4 vs S 16-bit" in why and f"{3137 / 2152:.2f}x" in why
-    assert bits.equal_memory_verdict(far, n_models=1) == ("cannot be tested", "only one model")
-    assert bits.equal_memory_verdict(far.iloc[:0])[0] == "cannot be tested at this scale"
-    assert bits.pair_outcome(-0.1, 0.0) == "not resolved" and bits.pair_outcome(0.01, 0.1) == "smaller better"
+    assert analysis.equal_memory_verdict(far, n_models=1) == ("cannot be tested", "only one model")
+    assert analysis.equal_memory_verdict(far.iloc[:0])[0] == "cannot be tested at this scale"
+    assert analysis.pair_outcome(-0.1, 0.0) == "not resolved" and analysis.pair_outcome(0.01, 0.1) == "smaller better"
 
 
 def test_equal_memory_is_decided_inside_one_model_family():
@@ -231,25 +231,27 @@ def test_equal_memory_is_decided_inside_one_model_family():
     assert pairs.eligible.tolist() == [True, False, False]  # 4900 > 4800
     # strictly, the Qwen pair needs 2% more bits: not testable inside a family, whatever B-mid shows
     decided = pairs.assign(diff_low=[-0.3, -0.3, -0.3], diff_high=[-0.1, -0.1, -0.1])
-    verdict, why = bits.equal_memory_verdict(decided, n_models=4)
+    verdict, why = analysis.equal_memory_verdict(decided, n_models=4)
     assert verdict == "cannot be tested at this scale"
     assert "inside one model family" in why and "Q-large nf4 vs Q-small 16-bit, needs 1.02x" in why
     # with a 5% tolerance the Qwen pair decides alone
     tolerant = bits.equal_memory_pairs(table, tolerance=0.05)
     assert tolerant.eligible.tolist() == [True, False, True]
-    verdict, why = bits.equal_memory_verdict(tolerant.assign(diff_low=[-0.3, 0, 0.1], diff_high=[-0.1, 0, 0.2]), 4)
+    verdict, why = analysis.equal_memory_verdict(tolerant.assign(diff_low=[-0.3, 0, 0.1], diff_high=[-0.1, 0, 0.2]), 4)
     assert verdict == "does not hold" and why.startswith("0 of 1 equal-memory pairs inside one model family")
     assert bits.budget_pair(table) == ("Q-small", "Q-large")
     assert bits.budget_pair(table.drop(columns="model_family")) == ("A-small", "Q-large")
 
 
 def test_combined_verdict_over_conventions():
-    assert bits.combined_verdict({"as measured": "holds", "as deployed": "holds"}) == "holds"
-    one = bits.combined_verdict({"as measured": "holds", "as deployed": "cannot be tested at this scale"})
+    assert analysis.combined_verdict({"as measured": "holds", "as deployed": "holds"}) == "holds"
+    one = analysis.combined_verdict({"as measured": "holds", "as deployed": "cannot be tested at this scale"})
     assert one == "holds (as measured only)"
-    both = bits.combined_verdict({"as measured": "holds", "as deployed": "does not hold"})
+    both = analysis.combined_verdict({"as measured": "holds", "as deployed": "does not hold"})
     assert both == "depends on the memory convention (as measured: holds; as deployed: does not hold)"
-    assert bits.combined_verdict({"a": "cannot be tested", "b": "cannot be tested at this scale"}).startswith("cannot")
+    assert analysis.combined_verdict({"a": "cannot be tested", "b": "cannot be tested at this scale"}).startswith(
+        "cannot"
+    )
 
 
 def test_cost_by_size_is_paired_against_the_models_own_reference():

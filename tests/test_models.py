@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import models
+from helpers import gguf, models
 
 
 def _fake_folder(tmp_path: Path) -> Path:
@@ -245,7 +245,7 @@ def test_streamed_conversion_writes_shards_with_an_index(smol_path, tmp_path):
     from safetensors import safe_open
 
     out = tmp_path / "sharded"
-    models._convert(models.EMBEDDED["smollm2-135m"].locate(tmp_path), out, shard_bytes=200 << 20)
+    gguf.convert(models.EMBEDDED["smollm2-135m"].locate(tmp_path), out, shard_bytes=200 << 20)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert shards == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
@@ -315,3 +315,12 @@ def test_qwen_nf4_memory_accounting_matches_its_tensors():
     assert report.other_params == sum(other.values())
     rotary = report.other_bytes - 4 * sum(other.values())  # buffers: the rotary inverse frequencies
     assert 0 <= rotary <= 4 * 64
+
+
+@pytest.mark.models
+def test_read_weights_reads_single_tensors_without_building_the_model():
+    key = "model.layers.0.mlp.down_proj.weight"
+    (w,) = models.read_weights("smollm2-135m", [key]).values()
+    assert w.dtype == torch.float32 and w.shape == (576, 1536)  # hidden x intermediate of SmolLM2-135M
+    with pytest.raises(KeyError, match="not found"):
+        models.read_weights("smollm2-135m", ["no.such.weight"])

@@ -23,7 +23,7 @@ PARAM_FILES = sorted((REPO_ROOT / "params").glob("*.yaml"))
 
 
 def test_there_are_notebooks():
-    assert [p.name for p in SOURCES][:1] == ["01_load_and_quantize.ipynb"]
+    assert [p.name for p in SOURCES][:2] == ["00_class_path.ipynb", "01_load_and_quantize.ipynb"]
 
 
 @pytest.mark.parametrize("nb", SOURCES, ids=lambda p: p.stem)

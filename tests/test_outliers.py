@@ -1,6 +1,7 @@
 """Outlier statistics (helpers.outliers) on hand-built activations."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -206,3 +207,22 @@ def test_llm_int8_matmul_by_hand():
     assert not none.any()
     assert y0[0, 0].item() == pytest.approx((16 * 127 - 8 * 127 + 127 * 64) * 8 / 16129, abs=1e-12)
     assert abs(y0[0, 0].item() - 4.5) > 5 * abs(y[0, 0].item() - 4.5)  # the outlier costs the others precision
+
+
+def test_decomposition_summary_reads_the_sweep():
+    def sweep(change, low, high, kl):
+        return pd.DataFrame({"vs_no_decomposition": change, "vs_no_decomposition_low": low,
+                             "vs_no_decomposition_high": high, "kl": kl,
+                             "above_every_activation": [False, False, False, True]},
+                            index=pd.Index([0.0, 2.0, 6.0, 1e6], name="threshold"))  # fmt: skip
+
+    matters = sweep([0, -0.02, -0.01, 0], [0, -0.03, -0.02, 0], [0, -0.01, 0.005, 0], [0.05, 0.01, 0.02, 0.05])
+    assert outliers.decomposition_summary(matters, 700).startswith(
+        "the decomposition matters"
+    ) and "threshold(s) 2" in (outliers.decomposition_summary(matters, 700))
+    noise = sweep([0, 0.01, 0.005, 0], [0, -0.01, -0.01, 0], [0, 0.03, 0.02, 0], [0.05, 0.003, 0.01, 0.05])
+    words = outliers.decomposition_summary(noise, 767)
+    assert words.startswith("perplexity on 767 tokens does not resolve")
+    assert "threshold(s) 2, 6 lie within their intervals" in words and "falls from 0.0500" in words
+    costs = sweep([0, 0.02, 0.0, 0], [0, 0.01, -0.01, 0], [0, 0.03, 0.01, 0], [0.05, 0.06, 0.05, 0.05])
+    assert outliers.decomposition_summary(costs, 700).startswith("the decomposition costs perplexity")

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import memory, timing
+from helpers import analysis, memory, timing
 from helpers.provenance import save_table
 
 
@@ -179,7 +179,7 @@ def _verdict(v: pd.DataFrame, claim: str) -> pd.Series:
 
 
 def test_c4_and_c5_hold_when_int8_is_slow_and_16_bit_fastest():
-    v = timing.c4_c5_verdicts(_summary({"fp32": 10, "bf16": 20, "fp16": 25, "int8": 5, "nf4": 12}))
+    v = analysis.c4_c5_verdicts(_summary({"fp32": 10, "bf16": 20, "fp16": 25, "int8": 5, "nf4": 12}))
     c4, c5 = _verdict(v, "C4"), _verdict(v, "C5")
     assert c4.verdict == "holds" and c4.ratio == pytest.approx(5 / 25)  # compared with the faster 16-bit method
     assert "int8 5.0 tok/s = 0.20 x best 16-bit (fp16 25.0)" in c4.numbers and "slowest: int8 5.0" in c4.numbers
@@ -188,7 +188,7 @@ def test_c4_and_c5_hold_when_int8_is_slow_and_16_bit_fastest():
 
 
 def test_c4_and_c5_fail_when_int8_is_close_and_fp32_fastest():
-    v = timing.c4_c5_verdicts(_summary({"fp32": 30, "bf16": 20, "int8": 12}))  # no fp16: bf16 is the 16-bit baseline
+    v = analysis.c4_c5_verdicts(_summary({"fp32": 30, "bf16": 20, "int8": 12}))  # no fp16: bf16 is the 16-bit baseline
     c4, c5 = _verdict(v, "C4"), _verdict(v, "C5")
     assert c4.verdict == "does not hold" and c4.ratio == pytest.approx(0.6)
     assert c5.verdict == "does not hold" and c5.ratio == pytest.approx(1.5)
@@ -197,7 +197,7 @@ def test_c4_and_c5_fail_when_int8_is_close_and_fp32_fastest():
 
 def test_verdict_boundaries():
     # int8 at exactly half the 16-bit speed is not "much slower"; a method within 5% of the best 16-bit one is a tie
-    v = timing.c4_c5_verdicts(_summary({"fp16": 20, "int8": 10, "nf4": 20}))
+    v = analysis.c4_c5_verdicts(_summary({"fp16": 20, "int8": 10, "nf4": 20}))
     assert _verdict(v, "C4").verdict == "does not hold" and _verdict(v, "C5").verdict == "inconclusive"
     cases = (
         (18.9, "holds"),
@@ -207,16 +207,16 @@ def test_verdict_boundaries():
         (21.1, "does not hold"),
     )
     for nf4, verdict in cases:  # the bounds (0.95 and 1.05 x) are ties
-        assert _verdict(timing.c4_c5_verdicts(_summary({"fp16": 20, "nf4": nf4})), "C5").verdict == verdict, nf4
-    v = timing.c4_c5_verdicts(_summary({"fp16": 20, "int8": 9.99}))
+        assert _verdict(analysis.c4_c5_verdicts(_summary({"fp16": 20, "nf4": nf4})), "C5").verdict == verdict, nf4
+    v = analysis.c4_c5_verdicts(_summary({"fp16": 20, "int8": 9.99}))
     assert _verdict(v, "C4").verdict == "holds"
 
 
 def test_groups_without_16_bit_or_int8():
-    assert timing.c4_c5_verdicts(_summary({"fp32": 10, "int8": 2})).empty  # nothing to compare with
-    v = timing.c4_c5_verdicts(_summary({"fp16": 10, "nf4": 4}))
+    assert analysis.c4_c5_verdicts(_summary({"fp32": 10, "int8": 2})).empty  # nothing to compare with
+    v = analysis.c4_c5_verdicts(_summary({"fp16": 10, "nf4": 4}))
     assert list(v.claim) == ["C5"]
-    assert timing.c4_c5_verdicts(_summary({"fp16": 10, "bf16": 8})).empty  # 16-bit only: nothing to compare
+    assert analysis.c4_c5_verdicts(_summary({"fp16": 10, "bf16": 8})).empty  # 16-bit only: nothing to compare
 
 
 def test_verdicts_per_hardware_class_model_and_batch():
@@ -227,7 +227,7 @@ def test_verdicts_per_hardware_class_model_and_batch():
             _summary({"fp16": 10, "fp32": 12}, hardware_class="cpu-b", batch=8),
         ]
     )
-    v = timing.c4_c5_verdicts(s)
+    v = analysis.c4_c5_verdicts(s)
     assert list(v.columns) == ["claim", "hardware_class", "model", "batch", "verdict", "ratio", "numbers"]
     got = {(r.hardware_class, r.batch, r.claim): r.verdict for r in v.itertuples()}
     assert got == {
@@ -240,17 +240,17 @@ def test_verdicts_per_hardware_class_model_and_batch():
 
 
 def test_speed_ratios_by_hand():
-    r = timing.speed_ratios(_summary({"fp32": 10, "bf16": 16, "fp16": 20, "int8": 5})).set_index("method")
+    r = analysis.speed_ratios(_summary({"fp32": 10, "bf16": 16, "fp16": 20, "int8": 5})).set_index("method")
     assert r.ratio_to_16bit.to_dict() == pytest.approx({"fp32": 0.5, "bf16": 0.8, "fp16": 1.0, "int8": 0.25})
     assert set(r.best_16bit) == {"fp16"}
 
 
 def test_litgpt_a100_table_gives_its_own_ratios():
     lit = timing.litgpt_a100_summary()
-    v = timing.c4_c5_verdicts(lit)
+    v = analysis.c4_c5_verdicts(lit)
     assert _verdict(v, "C4").verdict == "holds" and _verdict(v, "C4").ratio == pytest.approx(12.66 / 47.66)
     assert _verdict(v, "C5").verdict == "holds"
-    r = timing.speed_ratios(lit).set_index("method").ratio_to_16bit
+    r = analysis.speed_ratios(lit).set_index("method").ratio_to_16bit
     assert r["fp4-dq"] == pytest.approx(25.54 / 47.66)
 
 
@@ -262,8 +262,8 @@ def test_side_by_side_puts_each_class_in_a_column():
             _summary({"fp16": 10, "fp32": 12}, hardware_class="cpu-avx2", batch=8),
         ]
     )
-    ref = timing.c4_c5_verdicts(timing.litgpt_a100_summary())
-    wide = timing.side_by_side(timing.c4_c5_verdicts(s), ref)
+    ref = analysis.c4_c5_verdicts(timing.litgpt_a100_summary())
+    wide = analysis.side_by_side(analysis.c4_c5_verdicts(s), ref)
     assert list(wide.columns) == ["cpu-avx2", "cpu-avx512bf16", "lit-gpt A100 (falcon-7b, batch 1)"]
     assert wide.loc[("C4", 1, "m")].tolist() == ["holds (0.20)", "does not hold (0.80)", "holds (0.27)"]
     assert wide.loc[("C5", 8, "m")].tolist() == ["does not hold (1.20)", "", ""]  # lit-gpt's table is batch 1
@@ -457,7 +457,7 @@ def test_recounted_memory_must_match_the_stored_runs():
 
 
 def test_verdict_counts_names_each_verdict_once():
-    from helpers.timing import verdict_counts
+    from helpers.analysis import verdict_counts
 
     assert verdict_counts(["holds", "holds"]) == "holds"
     assert verdict_counts(["holds", "holds", "does not hold", "holds"]) == "holds on 3, does not hold on 1 of 4 models"
@@ -467,7 +467,8 @@ def test_a_method_with_non_finite_output_is_no_speed_reference():
     """fp16 overflows on Gemma-3: its fast decoding must not set the 16-bit reference."""
     import pandas as pd
 
-    from helpers.timing import c4_c5_verdicts, non_finite_methods, speed_ratios
+    from helpers.analysis import c4_c5_verdicts, speed_ratios
+    from helpers.timing import non_finite_methods
 
     summary = pd.DataFrame(
         {
