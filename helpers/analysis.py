@@ -789,12 +789,15 @@ def headline_lines(answers: pd.DataFrame, rows: pd.DataFrame | None = None) -> l
     return lines
 
 
+#: a verdict said of several statistics ("2 of 4 hold")
+PLURAL = {"holds": "hold", "does not hold": "do not hold", "inconclusive": "inconclusive"}
+
+
 def count_words(verdicts: pd.Series) -> str:
     """How a set of verdicts splits, in words: "2 of 4 hold, 1 does not hold, 1 inconclusive"."""
-    plural = {"holds": "hold", "does not hold": "do not hold", "inconclusive": "inconclusive"}
     counts = verdicts.value_counts()
     parts = [
-        f"{counts[v]} {v if counts[v] == 1 else plural[v]}"
+        f"{counts[v]} {v if counts[v] == 1 else PLURAL[v]}"
         for v in ("holds", "does not hold", "inconclusive")
         if v in counts
     ]
@@ -811,9 +814,8 @@ def synthesis_lines(answers: pd.DataFrame, rows: pd.DataFrame) -> list[str]:
         for instrument, g in rows[(rows.claim == a["claim"]) & (rows.version == a["version"])].groupby(
             "instrument", sort=False
         ):
-            plural = {"holds": "hold", "does not hold": "do not hold"}
             parts = [
-                f"{k} of {len(g)} {verdict if k == 1 else plural[verdict]}: {direction}"
+                f"{k} of {len(g)} {verdict if k == 1 else PLURAL[verdict]}: {direction}"
                 for (verdict, direction), k in g[g.verdict != "inconclusive"]
                 .groupby(["verdict", "direction"])
                 .size()

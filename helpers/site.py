@@ -127,8 +127,10 @@ def check(site: Path = SITE_DIR, shots: Path = SHOTS_DIR, width: int = 1280) -> 
     browser_path = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser_path is None:
         raise SystemExit("no chromium on PATH: on Debian, apt-get install chromium")
-    pages = sorted(p for p in site.rglob("*.html") if not p.relative_to(site).parts[0].startswith(("_", "genindex")))
-    pages = [p for p in pages if p.name not in {"genindex.html", "search.html"}]
+    skip = {"genindex.html", "search.html"}  # Sphinx's own pages; "_*" folders hold its assets and sources
+    pages = sorted(
+        p for p in site.rglob("*.html") if not p.relative_to(site).parts[0].startswith("_") and p.name not in skip
+    )
     shots.mkdir(parents=True, exist_ok=True)
     problems = []
     with sync_playwright() as pw:
