@@ -16,15 +16,15 @@ One module per concern, one line each; notebooks import what they need:
 - :mod:`helpers.analysis`      every claim's statistic and verdict (C1-C5, equal memory), the synthesis
 - :mod:`helpers.judge`         generations judged by another model in bits per novel byte, greedy loops
 - :mod:`helpers.timing`        speed measurement, the speed tables of every hardware class (notebook 03)
-- :mod:`helpers.memory`        what a model holds, peak memory, bandwidth and bytes per token
-- :mod:`helpers.outliers`      LLM.int8() outlier features from recorded activations (notebook 05)
-- :mod:`helpers.bits`          quality per model bit, larger-at-lower-precision (notebook 06)
+- :mod:`helpers.memory`        what a model holds, peak memory, bandwidth and bytes per token, the memory bars
+- :mod:`helpers.outliers`      LLM.int8() outlier features from recorded activations, notebook 05's panels
+- :mod:`helpers.bits`          quality per model bit, larger-at-lower-precision, the GGUF-grid confound (notebook 06)
 - :mod:`helpers.explorer`      the temperature explorer (notebook 07)
 - :mod:`helpers.stats`         every bootstrap: blocks of tokens, rows of prompts, resampled sums
 - :mod:`helpers.store`         append-only results store that survives SIGKILL; the one cache-key rule
 - :mod:`helpers.provenance`    data files with their provenance sidecar
 - :mod:`helpers.runtime`       thread control, quiet logging, machine load, hardware class, a timer
-- :mod:`helpers.notebook`      the one setup call of every notebook
+- :mod:`helpers.notebook`      the one setup call of every notebook, its colours, interval text and log axes
 - :mod:`helpers.runner`        executes the numbered notebooks with papermill
 - :mod:`helpers.compare`       a rerun's tables against the committed ones: what moved
 - :mod:`helpers.workers`       shares the units of notebooks 02 and 04 over processes or machines

@@ -21,7 +21,6 @@ high T for that reason alone.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -616,6 +615,40 @@ CLAIM_WORDS = {
 }
 
 
+#: where each (claim, version)'s statistic says "holds", for a figure's reader
+HOLDS_WHERE = {
+    ("C3", "first"): "holds above 0",
+    ("C3", "later"): "holds above 0",
+    ("C2", "first"): "holds where the interval excludes 0",
+    ("C2", "later"): "holds above 0",
+    ("C1", "both"): "holds inside the shaded margin",
+}
+
+
+def margin_caveats(rows: pd.DataFrame, margin: float) -> list[str]:
+    """Statistics whose verdict depends on how the equivalence margin is read, one line each, from
+    ``rows`` (:data:`SYNTHESIS_COLUMNS`). C2 (first version), "nf4's and fp4's losses change
+    *differently* with T", holds where the interval of the interaction excludes 0
+    (:func:`differs_verdict`); read as "differ by more than the margin within which C1 calls two
+    losses equal", a statistic whose whole interval lies inside ``±margin`` does not hold. The
+    mirror case: C1 ("equal") holds inside the margin even where the interval excludes 0."""
+    inside = rows[(rows.ci_low >= -margin) & (rows.ci_high <= margin) & (rows.verdict == "holds")]
+    c2 = inside[(inside.claim == "C2") & (inside.version == "first")]
+    c1 = inside[(inside.claim == "C1") & ((inside.ci_low > 0) | (inside.ci_high < 0))]
+    head = "{r.claim} ({v}) on {r.model}, {r.instrument}: {r.estimate:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}]: "
+    return [
+        head.format(r=r, v=version_words(r.version))
+        + f"the interval excludes 0, so it holds; but the whole interval lies within ±{margin:g}, so it does not hold "
+        "if 'differently' means by more than the margin within which C1 calls two losses equal"
+        for r in c2.itertuples()
+    ] + [
+        head.format(r=r, v=version_words(r.version))
+        + f"the whole interval lies within ±{margin:g}, so nf4 and fp4 count as equal (holds), though the interval "
+        "excludes 0: they differ, by less than the margin"
+        for r in c1.itertuples()
+    ]
+
+
 def version_words(version: str) -> str:
     """ "first version", "later version", or "both versions" for a claim the abstracts share."""
     return "both versions" if version == "both" else f"{version} version"
@@ -739,19 +772,48 @@ def cloze_rows(claims: pd.DataFrame, index: pd.DataFrame) -> pd.DataFrame:
 
 def instrument_verdict(verdicts: Sequence[str]) -> str:
     """One instrument's verdict over its models and subjects: the common verdict where they agree,
-    "depends on the model or method" where some hold and some do not, else "inconclusive"."""
+    "depends on the model or method" where some hold and some do not, and "holds where resolved"
+    or "does not hold where resolved" where the others are inconclusive (7 of 8 against and one
+    inconclusive is not the same as no answer)."""
     v = set(verdicts)
     if len(v) == 1:
         return v.pop()
-    return "depends on the model or method" if {"holds", "does not hold"} <= v else "inconclusive"
+    if {"holds", "does not hold"} <= v:
+        return "depends on the model or method"
+    return f"{(v - {'inconclusive'}).pop()} where resolved"  # the rest inconclusive
+
+
+def instruments_answer(verdicts: Sequence[str]) -> str:
+    """The answer over instruments' verdicts (:func:`instrument_verdict`), by the same rule: their
+    common verdict where they agree; "depends on the instrument" where one holds and another does
+    not (or one depends on the model or method); "holds where resolved" (or "does not hold where
+    resolved") where the rest say the same where resolved or are inconclusive."""
+    if len(set(verdicts)) == 1:
+        return verdicts[0]
+    v = {x.removesuffix(" where resolved") for x in verdicts}
+    if "depends on the model or method" in v or {"holds", "does not hold"} <= v:
+        return "depends on the instrument"
+    return f"{(v - {'inconclusive'}).pop()} where resolved"
+
+
+def claim_answer(rows: pd.DataFrame) -> str:
+    """One claim's answer from its statistics ``rows`` (:data:`SYNTHESIS_COLUMNS`), case by case:
+    each (model, subject)'s verdicts over the instruments that test it are combined first
+    (:func:`instruments_answer`). Where the instruments disagree on one case, the answer is
+    "depends on the instrument"; where they agree on each case but the cases differ, "depends on
+    the model or method" (an instrument that covers more models must not pass for a disagreement
+    between instruments)."""
+    cases = [instruments_answer(list(g.verdict)) for _, g in rows.groupby(["model", "subject"], sort=False)]
+    if "depends on the instrument" in cases:
+        return "depends on the instrument"
+    return instruments_answer(cases).replace("depends on the instrument", "depends on the model or method")
 
 
 def synthesis(by_instrument: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``(rows, answers)``: every statistic of every instrument in one table (columns
     :data:`SYNTHESIS_COLUMNS`), and one answer per (claim, version): each instrument's verdict
-    (:func:`instrument_verdict`) and the answer, the instruments' common verdict where they agree,
-    "depends on the instrument" where they do not. ``statistics`` counts what the answer reads at
-    once (each at 95%: multiplicity)."""
+    (:func:`instrument_verdict`) and the answer (:func:`claim_answer`).
+    ``statistics`` counts what the answer reads at once (each at 95%: multiplicity)."""
     rows = pd.concat(
         [t.assign(instrument=name)[SYNTHESIS_COLUMNS] for name, t in by_instrument.items() if len(t)],
         ignore_index=True,
@@ -759,7 +821,7 @@ def synthesis(by_instrument: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, pd.
     answers = []
     for (claim, version), g in rows.groupby(["claim", "version"], sort=True):
         per = {i: instrument_verdict(list(h.verdict)) for i, h in g.groupby("instrument", sort=False)}
-        answer = next(iter(per.values())) if len(set(per.values())) == 1 else "depends on the instrument"
+        answer = claim_answer(g)
         answers.append({"claim": claim, "version": version, "answer": answer, "statistics": len(g), **per})
     return rows, pd.DataFrame(answers)
 
@@ -793,15 +855,14 @@ def headline_lines(answers: pd.DataFrame, rows: pd.DataFrame | None = None) -> l
 PLURAL = {"holds": "hold", "does not hold": "do not hold", "inconclusive": "inconclusive"}
 
 
-def count_words(verdicts: pd.Series) -> str:
-    """How a set of verdicts splits, in words: "2 of 4 hold, 1 does not hold, 1 inconclusive"."""
-    counts = verdicts.value_counts()
-    parts = [
-        f"{counts[v]} {v if counts[v] == 1 else PLURAL[v]}"
-        for v in ("holds", "does not hold", "inconclusive")
-        if v in counts
-    ]
-    return f"{parts[0].replace(' ', f' of {len(verdicts)} ', 1)}" + "".join(f", {p}" for p in parts[1:])
+def count_words(verdicts: Sequence[str], of: str = "") -> str:
+    """How a set of verdicts splits, in words: the verdict itself where all agree, else "2 of 4
+    hold, 1 does not hold, 1 inconclusive" (``of`` names what is counted: "2 of 4 models hold")."""
+    counts = pd.Series(list(verdicts), dtype=object).value_counts()
+    if len(counts) == 1:
+        return str(counts.index[0])
+    parts = [f"{counts[v]} {v if counts[v] == 1 else PLURAL[v]}" for v in VERDICTS if v in counts]
+    return f"{parts[0].replace(' ', f' of {counts.sum()}{of} ', 1)}" + "".join(f", {p}" for p in parts[1:])
 
 
 def synthesis_lines(answers: pd.DataFrame, rows: pd.DataFrame) -> list[str]:
@@ -859,6 +920,9 @@ C4_MAX_RATIO = 0.5
 #: fraction of the best 16-bit speed (bounds included): between two runs of notebook 03 on the same 2-core machine,
 #: SmolLM2's fastest 4-bit method went from 1.03x to 0.97x fp16, and the verdict with it.
 C5_TIE = 0.05
+#: C4 is "inconclusive" when int8's ratio lies within this fraction of :data:`C4_MAX_RATIO` (0.475-0.525, bounds
+#: included): the same run-to-run spread as :data:`C5_TIE`, which a ratio of medians of 3 runs cannot resolve.
+C4_TIE = C5_TIE
 _GROUP_KEYS = ("hardware_class", "model", "batch")
 
 
@@ -897,7 +961,8 @@ def c4_c5_verdicts(summary: pd.DataFrame, exclude: Iterable[tuple[str, str]] = (
     """Roy (2023)'s speed claims per (hardware class,) model and batch, from median decode speeds.
 
     **C4** (int8 inference is much slower) holds if int8 decodes at less than
-    :data:`C4_MAX_RATIO` of the best 16-bit method's speed; **C5** (unquantized 16-bit is
+    :data:`C4_MAX_RATIO` of the best 16-bit method's speed, and is "inconclusive" within
+    :data:`C4_TIE` of that threshold; **C5** (unquantized 16-bit is
     fastest) holds if the fastest other method decodes slower than the best 16-bit one, and is
     "inconclusive" within :data:`C5_TIE` of it. Columns ``claim, [hardware_class,] model, batch,
     verdict, ratio, numbers``; ``ratio`` is int8 / best 16-bit (C4) or fastest other method /
@@ -915,7 +980,9 @@ def c4_c5_verdicts(summary: pd.DataFrame, exclude: Iterable[tuple[str, str]] = (
                 {
                     "claim": "C4",
                     **k,
-                    "verdict": "holds" if r < C4_MAX_RATIO else "does not hold",
+                    "verdict": "inconclusive"
+                    if abs(r / C4_MAX_RATIO - 1) <= C4_TIE + 1e-9
+                    else ("holds" if r < C4_MAX_RATIO else "does not hold"),
                     "ratio": r,
                     "numbers": f"int8 {speed['int8']:.1f} tok/s = {r:.2f} x best 16-bit ({best} {base:.1f}); "
                     f"slowest: {speed.idxmin()} {speed.min():.1f}",
@@ -936,15 +1003,6 @@ def c4_c5_verdicts(summary: pd.DataFrame, exclude: Iterable[tuple[str, str]] = (
             }
         )
     return pd.DataFrame(rows, columns=["claim", *keys, "verdict", "ratio", "numbers"])
-
-
-def verdict_counts(verdicts: list[str]) -> str:
-    """Several models' verdicts on one claim in a few words: the verdict itself where all agree,
-    else how many models each verdict has (``holds on 3, does not hold on 1 of 4 models``)."""
-    counts = Counter(verdicts)  # in order of first appearance
-    if len(counts) == 1:
-        return verdicts[0]
-    return ", ".join(f"{v} on {k}" for v, k in counts.items()) + f" of {len(verdicts)} models"
 
 
 def side_by_side(verdicts: pd.DataFrame, reference: pd.DataFrame | None = None) -> pd.DataFrame:

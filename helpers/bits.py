@@ -341,3 +341,152 @@ def budget_pair(reps: pd.DataFrame) -> tuple[str, str]:
         sizes = sizes[arch == best]
     ordered = sizes.sort_values().index
     return ordered[0], ordered[-1]
+
+
+# --------------------------------------------------------------------------- the GGUF-grid confound
+def grid_confound(
+    model: torch.nn.Module,
+    gguf_types: dict[str, str],
+    text: TokenizedText,
+    methods: Iterable[str],
+    noise_seed: int,
+    fp32_nll: np.ndarray | None = None,
+    **boot,
+) -> tuple[pd.DataFrame, dict[tuple[str, str], np.ndarray]]:
+    """Is a weight already on a coarse GGUF grid easier or harder to quantize than one that is not?
+
+    For every block Linear of the fp32 ``model`` that ``gguf_types`` (GGUF tensor name -> type)
+    names, two copies of its weight: the GGUF weights as loaded (``"GGUF grid"``), and the same
+    plus uniform noise of +-half their GGUF step (``"off grid"``, :func:`helpers.gguf.off_grid`,
+    seeded by ``noise_seed``). Each copy is round-tripped through every method (and ``"none"``), written
+    into the model, and scored on ``text``. Rows: ``weights``, ``method``, ``perplexity``, the
+    relative weight error ||q(W) - W|| / ||W|| over layers (mean, min, max), ``gguf_types`` and
+    ``increase_over_own_fp32`` with its paired bootstrap interval (``boot``: ``n_boot``, ``seed``)
+    against the same copy unquantized. ``fp32_nll``: the GGUF-grid copy's span sums when already
+    scored (notebook 06 scores fp32 in its section 1). The model's weights are restored at the end.
+    Returns ``(rows, {(weights, method): nll per span})``."""
+    from .gguf import TENSOR_NAMES, off_grid
+    from .models import block_linears
+    from .quantization import roundtrip
+
+    layers = {}
+    for name, block, role, module in block_linears(model):
+        gguf_type = gguf_types.get(f"blk.{block}.{TENSOR_NAMES.get(role, '?')}.weight")
+        if gguf_type is not None:
+            layers[name] = (module, gguf_type)
+    if not layers:
+        raise ValueError("no block Linear of the model has a GGUF type in gguf_types")
+    original = {n: m.weight.detach().clone() for n, (m, _) in layers.items()}
+    g = torch.Generator().manual_seed(noise_seed)
+    noisy = {n: off_grid(original[n], t, g) for n, (_, t) in layers.items()}
+    rows, scores = [], {}
+    try:
+        for variant, base in (("GGUF grid", original), ("off grid", noisy)):
+            for method in ["none", *methods]:
+                errors = []
+                with torch.no_grad():
+                    for n, (m, _) in layers.items():
+                        w = base[n] if method == "none" else roundtrip(base[n], method).dequantized
+                        errors.append(((w - base[n]).norm() / base[n].norm()).item())
+                        m.weight.copy_(w)
+                reuse = variant == "GGUF grid" and method == "none" and fp32_nll is not None
+                nll = fp32_nll if reuse else text.span_sums(score(model, text).nll)
+                scores[(variant, method)] = nll
+                rows.append(
+                    {
+                        "weights": variant,
+                        "method": method,
+                        "perplexity": float(np.exp(nll.sum() / text.n_scored)),
+                        "weight_rel_error": float(np.mean(errors)),
+                        "weight_rel_error_min": float(np.min(errors)),
+                        "weight_rel_error_max": float(np.max(errors)),
+                        "gguf_types": ", ".join(sorted({t for _, t in layers.values()})),
+                    }
+                )
+    finally:
+        with torch.no_grad():
+            for n, (m, _) in layers.items():
+                m.weight.copy_(original[n])
+    rows = pd.DataFrame(rows)
+    cis = [
+        perplexity_change_ci(scores[(r.weights, r.method)], scores[(r.weights, "none")], text.span_tokens(), **boot)
+        for r in rows.itertuples()
+    ]
+    rows["increase_over_own_fp32"], rows["increase_low"], rows["increase_high"] = (list(x) for x in zip(*cis))
+    return rows, scores
+
+
+def grid_effect(
+    confound: pd.DataFrame,
+    scores: dict[tuple[str, str], np.ndarray],
+    text: TokenizedText,
+    bnb_nll: dict[str, np.ndarray],
+    **boot,
+) -> pd.DataFrame:
+    """One row per method of :func:`grid_confound`'s ``confound`` and ``scores`` (one model): the
+    perplexity increase on and off the grid, ``grid_vs_off_ppl_ratio`` = (1 + increase on the
+    grid) / (1 + increase off it) - 1 with its paired bootstrap interval over spans, the weight
+    errors and their ratio, and ``bpb_round_trip_minus_bnb_method``: bits per byte of the
+    on-grid round trip minus those of the bitsandbytes method of the same name (``bnb_nll``, NaN
+    where absent), which is 0 where both dequantize the same weights."""
+    out = []
+    for method in [m for m in dict.fromkeys(confound.method) if m != "none"]:
+        c = confound[confound.method == method].set_index("weights")
+        none = confound[confound.method == "none"].set_index("weights")
+        cols = {
+            k: scores[(w, m)]
+            for k, w, m in (
+                ("qg", "GGUF grid", method),
+                ("ng", "GGUF grid", "none"),
+                ("qo", "off grid", method),
+                ("no", "off grid", "none"),
+            )
+        }
+        est, lo, hi = columns_ci(
+            {**cols, "n": text.span_tokens()}, lambda x: ((x["qg"] - x["ng"]) - (x["qo"] - x["no"])) / x["n"], **boot
+        )
+        bnb = bnb_nll.get(method)
+        vs_bnb = (cols["qg"].sum() - bnb.sum()) / math.log(2) / text.span_bytes().sum() if bnb is not None else np.nan
+        out.append(
+            {
+                "method": method,
+                "increase_on_grid": c.increase_over_own_fp32["GGUF grid"],
+                "increase_on_grid_low": c.increase_low["GGUF grid"],
+                "increase_on_grid_high": c.increase_high["GGUF grid"],
+                "increase_off_grid": c.increase_over_own_fp32["off grid"],
+                "increase_off_grid_low": c.increase_low["off grid"],
+                "increase_off_grid_high": c.increase_high["off grid"],
+                "grid_vs_off_ppl_ratio": np.expm1(est),
+                "grid_vs_off_low": np.expm1(lo),
+                "grid_vs_off_high": np.expm1(hi),
+                "weight_error_on_grid": c.weight_rel_error["GGUF grid"],
+                "weight_error_off_grid": c.weight_rel_error["off grid"],
+                "weight_error_ratio": c.weight_rel_error["GGUF grid"] / c.weight_rel_error["off grid"],
+                "unquantized_perplexity_on_grid": none.perplexity["GGUF grid"],
+                "unquantized_perplexity_off_grid": none.perplexity["off grid"],
+                "bpb_round_trip_minus_bnb_method": vs_bnb,
+            }
+        )
+    return pd.DataFrame(out)
+
+
+def confound_words(effect: pd.DataFrame, tolerance: float = 0.05) -> str:
+    """What :func:`grid_effect` says about the GGUF-grid confound, in one sentence: whether the
+    grid changes the weight error (every on-grid / off-grid ratio within ``tolerance`` of 1, or
+    not), and in how many (model, method) pairs the perplexity response on the grid is smaller,
+    larger or not resolved (its 95% interval containing 0)."""
+    ratio = effect.weight_error_ratio
+    same = bool(((ratio - 1).abs() <= tolerance).all())
+    weights = (
+        f"the GGUF grid changes the weight error by less than {tolerance:.0%} (on-grid / off-grid {ratio.min():.3f} to "
+        f"{ratio.max():.3f})"
+        if same
+        else f"the weight error differs on and off the grid (on-grid / off-grid {ratio.min():.3f} to {ratio.max():.3f})"
+    )
+    smaller = int((effect.grid_vs_off_high < 0).sum())
+    larger = int((effect.grid_vs_off_low > 0).sum())
+    rest = len(effect) - smaller - larger
+    return (
+        f"{weights}; the perplexity response on the grid is smaller in {smaller}, larger in {larger} and not resolved "
+        f"in {rest} of {len(effect)} (model, method) pairs"
+    )

@@ -180,10 +180,12 @@ def plot_by_document(
     kind: dict[str, str],
     reference: str = "fp32",
     below: float = 0.5,
+    model_colors: dict | None = None,
 ):
     """Left: the reference's perplexity per document and model (log scale; flagged documents
-    hatched). Then one panel per model: each method's log-loss increase over the reference per
-    document, with its interval. ``table``: :func:`flag_memorized`."""
+    hatched; ``model_colors``, by default matplotlib's tab10 from its fifth colour). Then one panel
+    per model: each method's log-loss increase over the reference per document, with its interval,
+    0 always in view. ``table``: :func:`flag_memorized`."""
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
     from matplotlib.ticker import LogLocator, ScalarFormatter
@@ -209,7 +211,7 @@ def plot_by_document(
                 patch.set_hatch("///" if flagged else "")
 
     ref = table[table.method == reference]
-    colors = dict(zip(models, plt.get_cmap("tab10").colors[4:]))
+    colors = model_colors or dict(zip(models, plt.get_cmap("tab10").colors[4:]))
     bars(axes[0], {m: ref[ref.model == m] for m in models}, "perplexity", colors)
     axes[0].set(yscale="log", ylabel=f"{reference} perplexity (log scale)")
     axes[0].yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
@@ -226,6 +228,8 @@ def plot_by_document(
         d = table[table.model == model]
         bars(ax, {m: d[d.method == m] for m in methods}, "increase_pct", palette, err=("ci_low", "ci_high"))
         ax.axhline(0, color="0.4", lw=0.8)
+        low, high = ax.get_ylim()
+        ax.set_ylim(min(low, -0.04 * high), high)  # the zero line off the frame's edge
         ax.set_title(f"{model} (own y scale)", fontsize=9)
         ax.set_ylabel(f"log-loss increase over {reference}\n(%, 95% interval)", fontsize=8)
     for ax in axes:

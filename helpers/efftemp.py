@@ -47,13 +47,17 @@ DEFINITION_SHORT = {
     "kl_ref_method": "KL(fp32 ‖ method at 1/τ)",
     "logloss": "ratio of log-loss-optimal T",
 }
+#: the definitions in plain words, for a figure's legend
+DEFINITION_PLAIN = {
+    "kl_method_ref": "the T at which fp32 is closest to the method, KL(method ‖ fp32 at τ)",
+    "kl_ref_method": "the same closeness measured the other way, KL(fp32 ‖ method at 1/τ)",
+    "logloss": "the T at which fp32 predicts the text best / the T at which the method does",
+}
 #: the controls a running-text study runs beside the methods (computed from the reference's logits)
 CONTROLS = {
     "ctrl-temp": "fp32 logits / c: a pure temperature change",
     "ctrl-noise": "fp32 logits + i.i.d. Gaussian noise, KL matched to a quantized method: no temperature change",
 }
-#: colours of the controls in figures (the methods' are :data:`helpers.methods.METHOD_COLORS`)
-CONTROL_COLORS = {"ctrl-temp": "#7f7f7f", "ctrl-noise": "#b8860b"}
 #: per-position curves, in this order along axis 1 of :func:`position_curves`
 CURVES = ("kl_mr", "kl_rm", "ll_ref", "ll_m")
 

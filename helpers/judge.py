@@ -381,7 +381,7 @@ def plot_generations(
         *(Line2D([], [], color=palette[m], lw=1.8, label=m) for m in methods),
         Line2D([], [], color=palette.get(reference, "black"), ls="--", label=f"{reference} (rows 3-4)"),
         Line2D([], [], color="black", lw=1, label="R = 0: as good as fp32 (rows 1-2)"),
-        Line2D([], [], color="0.3", ls="-", label="R in bits per novel byte (the measure)"),
+        Line2D([], [], color="0.3", ls="-", lw=1.8, marker="o", ms=3, label="R in bits per novel byte (the measure)"),
         Line2D([], [], color="0.3", ls=":", label="R in bits per byte (likelihood alone)"),
         Line2D([], [], color="0.3", marker="s", ls="none", label="greedy (T = 0)"),
         Line2D([], [], color=palette[CONTROL], marker="D", ls="none", label=f"{CONTROL} control, per novel byte"),

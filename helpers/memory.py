@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -29,6 +30,47 @@ PART_COLORS = {
     "state": "#dd8452",  # quantization state: absmax, nested statistics, int8 row scales
     "other": "#55a868",  # norms, biases, rotary tables
 }
+
+
+def stacked_bars(ax, frame: pd.DataFrame, parts: list[tuple[str, str, str]], x=None) -> np.ndarray:
+    """Stack the ``parts`` columns of ``frame`` (``(column, label, colour)``, bottom first) as one
+    bar per row (x positions ``x``, or the row labels), the memory figures of notebooks 01 and 03;
+    returns the bars' tops."""
+    x = frame.index if x is None else x
+    bottom = np.zeros(len(frame))
+    for column, label, colour in parts:
+        ax.bar(x, frame[column], bottom=bottom, label=label, color=colour, width=0.7, edgecolor="white", lw=0.5)
+        bottom += frame[column].to_numpy()
+    return bottom
+
+
+def state_bars(ax, state: pd.Series, x=None, fontsize: float = 7.5) -> None:
+    """The quantization state alone (MiB), each bar labelled with its value: the sliver that the
+    stacked bars of :func:`stacked_bars` cannot show."""
+    x = state.index if x is None else x
+    ax.bar(x, state, color=PART_COLORS["state"], width=0.7)
+    for xi, v in zip(x, state):
+        ax.text(xi, v, f"{v:.2f}" if v else "0", ha="center", va="bottom", fontsize=fontsize)
+    ax.set_ylabel("quantization\nstate (MiB)")
+    ax.set_ylim(0, max(state.max(), 1e-3) * 1.3)
+
+
+def four_bit_embedding_note(parts: pd.DataFrame) -> str | None:
+    """Why a 4-bit model can hold more bytes than the same model in bf16, or None where it does
+    not: bitsandbytes quantizes the linear layers only, and the embedding keeps the float width
+    it was loaded in (fp32 where the compute dtype is fp32). ``parts``: one model's
+    :func:`memory_breakdown` columns indexed by method."""
+    four_bit = [k for k in ("nf4", "fp4") if k in parts.index]
+    if not four_bit or "bf16" not in parts.index or parts.total_MiB[four_bit[0]] <= parts.total_MiB["bf16"]:
+        return None
+    k, emb = four_bit[0], parts.embedding_MiB
+    bits = round(16 * emb[k] / emb["bf16"])  # the embedding's float width under k
+    return (
+        f"{k} holds more than bf16: its embedding stays\nunquantized in {bits}-bit floats, "
+        f"{emb[k]:.0f} MiB = {emb[k] / parts.total_MiB[k]:.0%} of {k}'s bytes\n"
+        f"(bf16 stores it in 16 bits: {emb['bf16']:.0f} MiB)"
+    )
+
 
 # --------------------------------------------------------------------------- peak memory
 _STATUS = Path("/proc/self/status")

@@ -132,6 +132,9 @@ METHOD_COLORS: dict[str, str] = {
     "fp4-dq": "#f4a09c",
 }
 
+#: The controls' colours (notebook 04): fp32 logits / c, fp32 logits + noise, and degenerate text.
+CONTROL_COLORS: dict[str, str] = {"ctrl-temp": "#7f7f7f", "ctrl-noise": "#b8860b", "ctrl-repeat": "#7f7f7f"}
+
 
 def get_method(name: str) -> Method:
     """The registered method called ``name``; ``ValueError`` listing valid names otherwise."""

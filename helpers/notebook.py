@@ -15,12 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from . import methods as registry
 from . import provenance, runtime
 from .runner import NOTEBOOKS_DIR, parameter_defaults
+
+#: One colour per method and per control, the same in every figure of every notebook.
+PALETTE: dict[str, str] = {**registry.METHOD_COLORS, **registry.CONTROL_COLORS}
+#: Colours for models, from a palette that shares no colour with :data:`PALETTE`, so that a figure
+#: colouring models never reads as one colouring methods (seaborn's "Dark2").
+MODEL_PALETTE = "Dark2"
 
 
 def declared_names(notebook: Path) -> list[str]:
@@ -86,6 +91,18 @@ class Notebook:
         """``names`` in the registry's order (fp32, bf16, fp16, int8 ... fp4-dq)."""
         return [m for m in registry.METHODS if m in set(names)]
 
+    @property
+    def palette(self) -> dict[str, str]:
+        """:data:`PALETTE`: one colour per method and control."""
+        return PALETTE
+
+    @staticmethod
+    def model_colors(models: Sequence[str]) -> dict[str, tuple[float, float, float]]:
+        """One colour per model, in the order given, none of them a method's colour."""
+        import seaborn as sns
+
+        return dict(zip(models, sns.color_palette(MODEL_PALETTE, len(models))))
+
 
 def setup(name: str, namespace: dict[str, Any], notebooks_dir: Path | None = None) -> Notebook:
     """Prepare a notebook run and return its :class:`Notebook`.
@@ -117,40 +134,18 @@ def setup(name: str, namespace: dict[str, Any], notebooks_dir: Path | None = Non
     return Notebook(name, params, dirs["data_dir"], dirs["figures_dir"], device, thread_info)
 
 
-# --------------------------------------------------------------------------- label placement
-def spread(values: Sequence[float], gap: float) -> np.ndarray:
-    """Positions near ``values``, in their order, at least ``gap`` apart and centred on them."""
-    order = np.argsort(values)
-    pos = np.asarray(values, dtype=float)[order]
-    for i in range(1, len(pos)):
-        pos[i] = max(pos[i], pos[i - 1] + gap)
-    pos -= (pos - np.sort(values)).mean()
-    out = np.empty_like(pos)
-    out[order] = pos
-    return out
+# --------------------------------------------------------------------------- text and axes
+def ci_text(value: float, low: float, high: float, fmt: str = "+.1%") -> str:
+    """``value [low, high]`` in one format, the way every takeaway prints an estimate and its
+    interval: ``ci_text(0.012, -0.002, 0.026)`` is ``"+1.2% [-0.2%, +2.6%]"``."""
+    return f"{value:{fmt}} [{low:{fmt}}, {high:{fmt}}]"
 
 
-def label_right(ax, xs, ys, texts: Sequence[str], width: float, offset: float, gap: float) -> None:
-    """Label points (log axes) in columns to their right without overlaps: a label whose extent
-    along x (``width`` decades, starting ``offset`` decades right of its point) meets the column
-    before joins it; a column's labels stand right of all its points, spread apart along y (at
-    least ``gap`` decades, :func:`spread`), each with a leader line to its point (notebook 03's
-    roofline, where several methods share one spot)."""
-    left = np.log10(xs) + offset
-    columns = []  # [label indices, left edge]
-    for i in np.argsort(left):
-        if columns and left[i] < columns[-1][1] + width:
-            columns[-1][0].append(i)
-            columns[-1][1] = left[i]
-        else:
-            columns.append([[i], left[i]])
-    for members, edge in columns:
-        for i, y in zip(members, spread(np.log10(np.asarray(ys)[members]), gap)):
-            ax.annotate(
-                texts[i],
-                (xs[i], ys[i]),
-                (10**edge, 10**y),
-                fontsize=8,
-                va="center",
-                arrowprops=dict(arrowstyle="-", color="0.5", lw=0.6, shrinkA=0, shrinkB=4),
-            )
+def log_axis(axis, subs: Sequence[float] = (1, 2, 5)) -> None:
+    """Plain numbers (0.2, 5, 100) at ``subs`` x each power of ten on a log-scaled ``axis``
+    (``ax.xaxis`` or ``ax.yaxis``), no minor ticks: log axes a reader does not have to decode."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
+
+    axis.set_major_locator(LogLocator(base=10, subs=subs))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_locator(NullLocator())

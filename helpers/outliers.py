@@ -208,6 +208,36 @@ def layers_affected(hit_share: np.ndarray, dims: np.ndarray, position_share: flo
     return float((h[:, dims] >= position_share).any(axis=1).mean())
 
 
+def feature_summary(
+    names: list[str],
+    share: np.ndarray,
+    relative_share: np.ndarray,
+    hidden_median_abs: pd.Series,
+    position_share: float = 0.06,
+    layer_share: float = 0.25,
+) -> dict[str, object]:
+    """Notebook 05's row per model: the outlier features of ``share`` (``[layers, dims]`` share of
+    positions with |x| >= the magnitude, layers ``names``) and of ``relative_share`` (the
+    scale-relative criterion), with the paper's counts (:func:`outlier_dimensions`,
+    :func:`layers_affected`), the dimensions hit in any layer, the layers in which half of all
+    dimensions are hit (and their blocks: a crowded layer is a scale effect, not a feature), and
+    the range of the hidden-input layers' median |x|."""
+    out: dict[str, object] = {"hidden_layers": len(names), "hidden_dims": int(np.shape(share)[1])}
+    for suffix, s in (("", np.asarray(share)), ("_relative", np.asarray(relative_share))):
+        dims = outlier_dimensions(s, position_share, layer_share)
+        crowded = (s >= position_share).mean(axis=1) >= 0.5  # layers in which half of all dimensions are hit
+        out[f"outlier_dims{suffix}"] = dims.tolist()
+        out[f"layers_affected{suffix}"] = layers_affected(s, dims, position_share)
+        out[f"dims_hit_anywhere{suffix}"] = int((s >= position_share).any(0).sum())
+        out[f"layers_half_dims_hit{suffix}"] = int(crowded.sum())
+        if not suffix:
+            blocks = [int(n.split(".layers.")[1].split(".")[0]) for n in names]
+            out["blocks_half_dims_hit"] = sorted({b for b, c in zip(blocks, crowded) if c})
+    out["hidden_median_abs_min"] = float(hidden_median_abs.min())
+    out["hidden_median_abs_max"] = float(hidden_median_abs.max())
+    return out
+
+
 def max_pool_columns(values: np.ndarray, max_columns: int = 256) -> tuple[np.ndarray, int]:
     """``(pooled, width)``: ``values`` ``[rows, columns]`` with every ``width`` consecutive columns
     replaced by their maximum, ``width`` the smallest that leaves at most ``max_columns`` columns.
@@ -219,6 +249,12 @@ def max_pool_columns(values: np.ndarray, max_columns: int = 256) -> tuple[np.nda
     width = -(-x.shape[1] // max_columns)
     padded = np.pad(x, ((0, 0), (0, -x.shape[1] % width)), constant_values=-np.inf)
     return padded.reshape(x.shape[0], -1, width).max(axis=2), width
+
+
+def interval_words(low: float, high: float) -> str:
+    """``"resolved"`` where an interval of a change excludes 0, else ``"within the interval of no
+    change"``: how notebook 05 labels each paired perplexity difference."""
+    return "resolved" if low > 0 or high < 0 else "within the interval of no change"
 
 
 def decomposition_summary(sweep: pd.DataFrame, tokens: int) -> str:
@@ -290,3 +326,69 @@ def set_int8_threshold(model: torch.nn.Module, threshold: float, roles: tuple[st
         module.state.threshold = float(threshold) if hit else 0.0
         chosen += hit
     return chosen
+
+
+# --------------------------------------------------------------------------- notebook 05's panels
+INPUT_GROUPS = {  # label: which layers, for the input-scale panel
+    "q, k, v, gate, up (hidden state)": lambda t: t.hidden_input,
+    "o_proj (attention output)": lambda t: t.role == "o_proj",
+    "down_proj (FFN inner dimension)": lambda t: t.role == "down_proj",
+}
+
+
+def plot_input_scale(ax, layers: pd.DataFrame, magnitude: float) -> None:
+    """One model's largest |x| (solid) and median |x| (dashed) entering each block's layers, one
+    colour per group of :data:`INPUT_GROUPS`, against the paper's ``magnitude`` (log scale).
+    ``layers``: one model's :meth:`ActivationRecorder.layer_table`."""
+    import seaborn as sns
+    from matplotlib.ticker import MaxNLocator
+
+    t = layers[layers.threshold == magnitude]
+    for (label, chosen), color in zip(INPUT_GROUPS.items(), sns.color_palette("colorblind", len(INPUT_GROUPS))):
+        by = t[chosen(t)].groupby("block")
+        ax.plot(by.max_abs.max().index, by.max_abs.max(), "-o", ms=3, color=color, label=f"largest |x|: {label}")
+        ax.plot(by.median_abs.median().index, by.median_abs.median(), "--", color=color, label=f"median |x|: {label}")
+    ax.axhline(magnitude, color="0.3", ls=":", label=f"magnitude {magnitude:g}")
+    ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("block")
+    ax.set_ylabel("|x| of the layer input (log scale)")
+
+
+def plot_threshold_panel(ax, sweep: pd.DataFrame, column: str, colors: dict) -> None:
+    """One panel of the threshold sweep: ``column`` (with ``_low``/``_high`` bars where the table
+    has them) against the threshold on a log axis, one colour per model (``colors``), and "no
+    decomposition" (threshold 0) as an open diamond left of a divider; for the 16-bit column share,
+    the share within down_proj layers dotted instead. Thresholds above every activation are left
+    out (they equal no decomposition)."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    shown = sweep[(sweep.threshold > 0) & ~sweep.above_every_activation]
+    ticks = sorted(shown.threshold.unique())
+    off_x = ticks[0] / 2.2  # where "no decomposition" is drawn
+    lo, hi = f"{column}_low", f"{column}_high"
+    nudge = dict(zip(colors, np.linspace(0.96, 1.04, len(colors)) if len(colors) > 1 else [1.0]))
+    for model_name, c in colors.items():
+        s, k = shown[shown.model == model_name], nudge[model_name]
+        off = sweep[(sweep.model == model_name) & (sweep.threshold == 0)].iloc[0]
+        ax.errorbar(
+            s.threshold * k,
+            s[column],
+            yerr=[s[column] - s[lo], s[hi] - s[column]] if lo in s else None,
+            fmt="-o",
+            ms=5,
+            capsize=3,
+            color=c,
+        )
+        if column == "cols_16bit_share":
+            ax.plot(s.threshold * k, s.cols_16bit_share_down_proj, ":s", ms=4, color=c)
+        else:
+            err = [[off[column] - off[lo]], [off[hi] - off[column]]] if lo in off else None
+            ax.errorbar([off_x * k], [off[column]], yerr=err, fmt="D", ms=6, capsize=3, color=c, mfc="white", mew=1.5)
+    ax.axvline(np.sqrt(off_x * ticks[0]), color="0.6", lw=1)
+    ax.set_xscale("log")
+    ax.set_xlim(off_x / 1.5, ticks[-1] * 1.5)
+    ax.xaxis.set_major_locator(FixedLocator([off_x, *ticks]))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: "off (0)" if v < ticks[0] * 0.9 else f"{v:g}"))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlabel("int8 outlier threshold α (log scale)")

@@ -438,12 +438,47 @@ def stamp(executed: Path, source: Path, params_file: Path, values: dict[str, Any
     executed.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
 
 
+def sync_prose(source: Path, executed: Path) -> bool:
+    """Give an executed copy the markdown of its source, outputs untouched, where the two run the
+    same code (:func:`source_hash`): a prose edit then needs no re-execution. Markdown cells may be
+    added, removed or edited; the code cells, papermill's injected cell and their outputs are kept.
+    Returns whether the copy changed; raises if the code differs (that needs a rerun)."""
+    src, ex = json.loads(Path(source).read_text()), json.loads(Path(executed).read_text())
+    if source_hash(src) != source_hash(ex):
+        raise ValueError(f"{executed} was not executed from the code of {source}: rerun it")
+    injected = [c for c in ex["cells"] if "injected-parameters" in c.get("metadata", {}).get("tags", [])]
+    code = iter(c for c in ex["cells"] if c["cell_type"] == "code" and c not in injected)
+    cells = []
+    for cell in src["cells"]:
+        cells.append(next(code) if cell["cell_type"] == "code" else cell)
+        if "parameters" in cell.get("metadata", {}).get("tags", []):
+            cells += injected  # where papermill puts its cell: right after the parameters
+    if cells == ex["cells"]:
+        return False
+    ex["cells"] = cells
+    Path(executed).write_text(json.dumps(ex, indent=1, ensure_ascii=False) + "\n")
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m helpers.runner", description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", type=Path, default=REPO_ROOT / "params" / "default.yaml")
     parser.add_argument("--only", nargs="*", help="notebook prefixes to run, e.g. 01 03")
     parser.add_argument("--executed-dir", type=Path, help="where executed copies go (overrides the file)")
+    parser.add_argument("--sync-prose", action="store_true",
+                        help="copy the sources' markdown into the executed copies, without running anything")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.sync_prose:
+        folder = args.executed_dir or REPO_ROOT / (
+            load_params(args.params).get("runner", {}).get("executed_dir", "notebooks/executed")
+        )
+        for source in numbered_notebooks():
+            if args.only and not any(source.name.startswith(p) for p in args.only):
+                continue
+            executed = folder / source.name
+            if executed.exists() and sync_prose(source, executed):
+                print(f"{executed}: prose synced")
+        return 0
     try:
         run(args.params, args.only, args.executed_dir)
     except ParameterFileError as err:

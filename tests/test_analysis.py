@@ -190,3 +190,23 @@ def test_check_bands_names_the_bad_band():
         analysis.check_bands([0.25, 0.8], [1.5, 1.0])
     with pytest.raises(ValueError, match="overlap"):
         analysis.check_bands([0.25, 1.0], [1.0, 1.5])
+
+
+def test_margin_caveats_flag_a_resolved_c2_inside_the_margin():
+    rows = pd.DataFrame(
+        {
+            "claim": ["C2", "C2", "C2", "C1"],
+            "version": ["first", "first", "later", "both"],
+            "model": ["a", "b", "a", "a"],
+            "instrument": ["running text"] * 4,
+            "estimate": [-0.03, -0.10, 0.01, 0.02],
+            "ci_low": [-0.037, -0.12, 0.002, 0.01],
+            "ci_high": [-0.023, -0.08, 0.02, 0.03],
+            "verdict": ["holds", "holds", "holds", "holds"],
+        }
+    )
+    c2, c1 = analysis.margin_caveats(rows, 0.05)  # b lies beyond the margin; C2 later is another claim
+    assert c2.startswith("C2 (first version) on a, running text: -0.030 [-0.037, -0.023]: the interval excludes 0")
+    assert c1.startswith("C1 (both versions) on a, running text: +0.020 [+0.010, +0.030]: the whole interval lies")
+    assert analysis.margin_caveats(rows, 0.02) == []  # a's intervals reach beyond ±0.02
+    assert set(analysis.HOLDS_WHERE) == set(analysis.CLAIM_WORDS)

@@ -269,3 +269,79 @@ def test_cost_by_size_is_paired_against_the_models_own_reference():
     # every span costs exactly 25% more: the estimate and both ends of the paired interval are 0.25
     assert (row.logloss_increase, row.low, row.high) == pytest.approx((0.25, 0.25, 0.25))
     assert row.params == 100 and row.model_family == "x"
+
+
+class _OneLayerLM(torch.nn.Module):
+    """Logits = one block Linear (named as Hugging Face names it) of a fixed embedding."""
+
+    def __init__(self, vocab: int = 30, width: int = 64):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.emb = torch.nn.Parameter(torch.randn(vocab, width, generator=g))
+        self.model = torch.nn.Module()
+        self.model.layers = torch.nn.ModuleList([torch.nn.Module()])
+        self.model.layers[0].mlp = torch.nn.Module()
+        self.model.layers[0].mlp.down_proj = torch.nn.Linear(width, vocab, bias=False)
+        with torch.no_grad():
+            self.model.layers[0].mlp.down_proj.weight.normal_(0, 0.05, generator=g)
+
+    def forward(self, x):
+        return SimpleNamespace(logits=self.model.layers[0].mlp.down_proj(self.emb[x]))
+
+
+def test_grid_confound_and_effect_by_hand():
+    from helpers.quantization import roundtrip
+
+    docs = {"d": "ab cd ef gh ij kl mn op qr st uv"}
+    text = bits.tokenize(_WordTokenizer(1), docs, bits.split_spans(docs, 9), window=6)
+    model = _OneLayerLM()
+    layer = model.model.layers[0].mlp.down_proj
+    w0 = layer.weight.detach().clone()
+    fp32 = text.span_sums(bits.score(model, text).nll)
+    rows, scores = bits.grid_confound(
+        model, {"blk.0.ffn_down.weight": "Q8_0"}, text, ["nf4", "int8"], noise_seed=0, fp32_nll=fp32, n_boot=50, seed=0
+    )
+    assert torch.equal(layer.weight, w0)  # the weights are restored
+    assert len(rows) == 6 and set(rows.gguf_types) == {"Q8_0"}
+    r = rows.set_index(["weights", "method"])
+    assert scores[("GGUF grid", "none")] is fp32  # scored once, in section 1
+    assert r.weight_rel_error[("GGUF grid", "none")] == 0 == r.weight_rel_error[("off grid", "none")]
+    assert r.increase_over_own_fp32[("GGUF grid", "none")] == 0 == r.increase_over_own_fp32[("off grid", "none")]
+    assert not np.allclose(scores[("off grid", "none")], fp32)  # the noise moved the weights
+    nf4 = roundtrip(w0, "nf4").dequantized
+    assert r.weight_rel_error[("GGUF grid", "nf4")] == pytest.approx(((nf4 - w0).norm() / w0.norm()).item())
+    with torch.no_grad():
+        layer.weight.copy_(nf4)
+    assert scores[("GGUF grid", "nf4")] == pytest.approx(text.span_sums(bits.score(model, text).nll))
+
+    effect = bits.grid_effect(rows, scores, text, {"nf4": scores[("GGUF grid", "nf4")]}, n_boot=50)
+    e = effect.set_index("method")
+    assert list(e.index) == ["nf4", "int8"]
+    s = {k: scores[k].sum() for k in scores}
+    by_hand = np.expm1(
+        ((s[("GGUF grid", "nf4")] - s[("GGUF grid", "none")]) - (s[("off grid", "nf4")] - s[("off grid", "none")]))
+        / text.n_scored
+    )
+    assert e.grid_vs_off_ppl_ratio["nf4"] == pytest.approx(by_hand)
+    assert e.weight_error_ratio["nf4"] == pytest.approx(
+        r.weight_rel_error[("GGUF grid", "nf4")] / r.weight_rel_error[("off grid", "nf4")]
+    )
+    assert e.bpb_round_trip_minus_bnb_method["nf4"] == 0 and np.isnan(e.bpb_round_trip_minus_bnb_method["int8"])
+    with pytest.raises(ValueError, match="no block Linear"):
+        bits.grid_confound(model, {}, text, ["nf4"], noise_seed=0)
+
+
+def test_confound_words_by_hand():
+    effect = pd.DataFrame(
+        {
+            "weight_error_ratio": [0.99, 1.02, 0.97],
+            "grid_vs_off_low": [-0.3, 0.01, -0.05],
+            "grid_vs_off_high": [-0.1, 0.2, 0.04],
+        }
+    )
+    words = bits.confound_words(effect)
+    assert words.startswith(
+        "the GGUF grid changes the weight error by less than 5% (on-grid / off-grid 0.970 to 1.020)"
+    )
+    assert words.endswith("smaller in 1, larger in 1 and not resolved in 1 of 3 (model, method) pairs")
+    assert bits.confound_words(effect.assign(weight_error_ratio=[0.8, 1.0, 1.0])).startswith("the weight error differs")

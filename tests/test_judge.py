@@ -118,7 +118,8 @@ def test_greedy_loop_claims_by_hand():
 def test_synthesis_answers():
     assert analysis.instrument_verdict(["holds", "holds"]) == "holds"
     assert analysis.instrument_verdict(["holds", "does not hold"]) == "depends on the model or method"
-    assert analysis.instrument_verdict(["holds", "inconclusive"]) == "inconclusive"
+    assert analysis.instrument_verdict(["holds", "inconclusive"]) == "holds where resolved"
+    assert analysis.instrument_verdict(["does not hold"] * 7 + ["inconclusive"]) == "does not hold where resolved"
 
     def t(verdicts):
         return pd.DataFrame([{"claim": "C3", "version": "first", "model": f"m{i}", "subject": "fp4", "statistic": "S",
@@ -130,6 +131,19 @@ def test_synthesis_answers():
     _, answers = analysis.synthesis({"a": t(["holds", "holds"]), "b": t(["does not hold"])})
     assert answers.answer[0] == "depends on the instrument"
     assert answers.b[0] == "does not hold"
+    _, answers = analysis.synthesis({"a": t(["holds", "holds"]), "b": t(["holds", "inconclusive"])})
+    assert answers.b[0] == "holds where resolved" and answers.answer[0] == "holds where resolved"
+    assert analysis.instruments_answer(["holds", "inconclusive"]) == "holds where resolved"
+    assert analysis.instruments_answer(["does not hold where resolved", "holds where resolved"]) == (
+        "depends on the instrument"
+    )
+    assert analysis.instruments_answer(["holds", "depends on the model or method"]) == "depends on the instrument"
+    # instruments agree on every model, the models differ: the answer names the models, not the instruments
+    big = t(["does not hold", "does not hold", "holds"])  # m0, m1 and a model only this instrument covers
+    _, answers = analysis.synthesis({"a": big, "b": t(["does not hold", "does not hold"])})
+    assert answers.a[0] == "depends on the model or method" and answers.answer[0] == "depends on the model or method"
+    _, answers = analysis.synthesis({"a": big, "b": t(["holds", "does not hold"])})  # they disagree on m0
+    assert answers.answer[0] == "depends on the instrument"
 
 
 def test_synthesis_lines_name_every_instrument():

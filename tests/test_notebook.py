@@ -6,7 +6,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -91,10 +90,15 @@ def test_panels_wrap_models_into_rows_of_two():
         plt.close(fig)
 
 
-def test_spread_keeps_order_and_gap_and_stays_centred():
-    values = [1.0, 1.02, 1.01, 3.0]
-    pos = notebook.spread(values, gap=0.1)
-    assert list(np.argsort(pos)) == list(np.argsort(values))  # the labels keep their points' order
-    assert np.diff(np.sort(pos)).min() >= 0.1 - 1e-12
-    assert pos.mean() == pytest.approx(np.mean(values))  # centred on the points
-    assert notebook.spread([0.0, 5.0], gap=0.1).tolist() == [0.0, 5.0]  # far apart: left where they are
+def test_ci_text_and_log_axis():
+    assert notebook.ci_text(0.012, -0.002, 0.026) == "+1.2% [-0.2%, +2.6%]"
+    assert notebook.ci_text(1.23456, 1.2, 1.3, ".3f") == "1.235 [1.200, 1.300]"
+    fig, ax = plt.subplots()
+    ax.plot([0.1, 100], [1, 2])
+    ax.set_xscale("log")
+    notebook.log_axis(ax.xaxis)
+    fig.canvas.draw()
+    labels = [t.get_text() for t in ax.get_xticklabels() if 0.1 <= t.get_position()[0] <= 100]
+    assert labels == ["0.1", "0.2", "0.5", "1", "2", "5", "10", "20", "50", "100"]
+    assert ax.xaxis.get_minor_locator().tick_values(0.1, 100) == []
+    plt.close(fig)

@@ -226,3 +226,54 @@ def test_decomposition_summary_reads_the_sweep():
     assert "threshold(s) 2, 6 lie within their intervals" in words and "falls from 0.0500" in words
     costs = sweep([0, 0.02, 0.0, 0], [0, 0.01, -0.01, 0], [0, 0.03, 0.01, 0], [0.05, 0.06, 0.05, 0.05])
     assert outliers.decomposition_summary(costs, 700).startswith("the decomposition costs perplexity")
+
+
+def test_feature_summary_by_hand():
+    names = [f"model.layers.{b}.self_attn.{r}" for b in (0, 1) for r in ("q_proj", "k_proj")]
+    share = np.array([[0.1, 0.0, 0.07], [0.2, 0.0, 0.0], [0.5, 0.01, 0.08], [0.0, 0.0, 0.0]])  # [layers, dims]
+    relative = np.zeros_like(share)
+    out = outliers.feature_summary(names, share, relative, pd.Series([0.5, 2.0]), position_share=0.06, layer_share=0.5)
+    # dim 0 is hit in 3 of 4 layers (>= half): an outlier feature; dim 2 in 2 of 4: also; dim 1 never
+    assert out["outlier_dims"] == [0, 2] and out["outlier_dims_relative"] == []
+    assert out["layers_affected"] == 0.75  # layers 0, 1 and 2 hit one of them
+    assert out["dims_hit_anywhere"] == 2 and out["dims_hit_anywhere_relative"] == 0
+    assert out["layers_half_dims_hit"] == 2 and out["blocks_half_dims_hit"] == [0, 1]  # layers 0 and 2: 2 of 3 dims
+    assert (out["hidden_layers"], out["hidden_dims"]) == (4, 3)
+    assert (out["hidden_median_abs_min"], out["hidden_median_abs_max"]) == (0.5, 2.0)
+    assert outliers.interval_words(0.01, 0.2) == "resolved" == outliers.interval_words(-0.3, -0.1)
+    assert outliers.interval_words(-0.01, 0.2) == "within the interval of no change"
+
+
+def test_notebook_05_panels_draw_every_model():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep = pd.DataFrame(
+        {
+            "model": ["a"] * 3 + ["b"] * 3,
+            "threshold": [0.0, 1.0, 6.0] * 2,
+            "above_every_activation": [False] * 6,
+            "kl": [0.03, 0.01, 0.02, 0.04, 0.02, 0.03],
+        }
+    ).assign(kl_low=lambda d: d.kl / 2, kl_high=lambda d: d.kl * 2)
+    fig, ax = plt.subplots()
+    outliers.plot_threshold_panel(ax, sweep, "kl", {"a": "C0", "b": "C1"})
+    fig.canvas.draw()
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert labels == ["off (0)", "1", "6"]  # no decomposition left of the divider
+    assert len(ax.containers) == 4  # per model: the sweep and its "off" diamond, both with bars
+    layers = pd.DataFrame(
+        {
+            "threshold": 6.0,
+            "block": [0, 0, 1, 1],
+            "hidden_input": [True, False, True, False],
+            "role": ["q_proj", "down_proj", "q_proj", "down_proj"],
+            "max_abs": [3.0, 40.0, 4.0, 60.0],
+            "median_abs": [0.5, 1.0, 0.6, 1.2],
+        }
+    )
+    outliers.plot_input_scale(ax, layers, 6.0)
+    assert [ln.get_label() for ln in ax.get_lines()][-1] == "magnitude 6"
+    plt.close(fig)

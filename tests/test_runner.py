@@ -140,3 +140,30 @@ def test_progress_bars_are_saved_at_their_final_counts():
     assert "widgets" in nb["metadata"]
     nb["cells"].pop()
     assert runner.final_progress(nb) == 0  # nothing left to replace; the state stays until a bar is replaced
+
+
+def test_sync_prose_takes_the_sources_markdown_and_keeps_the_outputs(tmp_path):
+    source = write_notebook(tmp_path / "01_a.ipynb", "print(x)", "print(2 * x)")
+    nb = nbformat.read(source, as_version=4)
+    nb.cells.insert(1, nbformat.v4.new_markdown_cell("Old prose."))
+    nbformat.write(nb, source)
+    executed = tmp_path / "executed.ipynb"
+    ex = nbformat.read(source, as_version=4)  # the copy as papermill leaves it: injected cell, outputs
+    ex.cells.insert(1, nbformat.v4.new_code_cell("x = 2", metadata={"tags": ["injected-parameters"]}))
+    ex.cells[3].outputs = [nbformat.v4.new_output("stream", text="2\n")]
+    nbformat.write(ex, executed)
+    nb.cells[1].source = "New prose."  # an edit, a new cell, a removed one: no code changes
+    nb.cells.append(nbformat.v4.new_markdown_cell("A new takeaway."))
+    nbformat.write(nb, source)
+    assert runner.sync_prose(source, executed)
+    got = nbformat.read(executed, as_version=4)
+    assert [c.cell_type for c in got.cells] == ["code", "code", "markdown", "code", "code", "markdown"]
+    assert "injected-parameters" in got.cells[1].metadata.tags  # right after the parameters
+    assert got.cells[2].source == "New prose." and got.cells[-1].source == "A new takeaway."
+    assert got.cells[3].outputs[0].text == "2\n"  # outputs kept
+    assert runner.source_hash(executed) == runner.source_hash(source)
+    assert not runner.sync_prose(source, executed)  # nothing left to sync
+    nb.cells[2].source = "print(3 * x)"
+    nbformat.write(nb, source)
+    with pytest.raises(ValueError, match="rerun"):
+        runner.sync_prose(source, executed)
