@@ -770,30 +770,34 @@ def cloze_rows(claims: pd.DataFrame, index: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([pairs[cols], c3[cols]], ignore_index=True)
 
 
-def instrument_verdict(verdicts: Sequence[str]) -> str:
-    """One instrument's verdict over its models and subjects: the common verdict where they agree,
-    "depends on the model or method" where some hold and some do not, and "holds where resolved"
-    or "does not hold where resolved" where the others are inconclusive (7 of 8 against and one
-    inconclusive is not the same as no answer)."""
-    v = set(verdicts)
-    if len(v) == 1:
-        return v.pop()
-    if {"holds", "does not hold"} <= v:
-        return "depends on the model or method"
-    return f"{(v - {'inconclusive'}).pop()} where resolved"  # the rest inconclusive
+#: verdicts that say the cases they combine disagree
+SPLIT_VERDICTS = ("depends on the model or method", "depends on the instrument")
 
 
-def instruments_answer(verdicts: Sequence[str]) -> str:
-    """The answer over instruments' verdicts (:func:`instrument_verdict`), by the same rule: their
-    common verdict where they agree; "depends on the instrument" where one holds and another does
-    not (or one depends on the model or method); "holds where resolved" (or "does not hold where
-    resolved") where the rest say the same where resolved or are inconclusive."""
+def _combined(verdicts: Sequence[str], split: str) -> str:
+    """The rule every level of the synthesis uses: the common verdict where all agree; ``split``
+    where one holds and another does not (or one is itself split); "holds where resolved" (or
+    "does not hold where resolved") where the rest say the same where resolved or are inconclusive."""
     if len(set(verdicts)) == 1:
         return verdicts[0]
     v = {x.removesuffix(" where resolved") for x in verdicts}
-    if "depends on the model or method" in v or {"holds", "does not hold"} <= v:
-        return "depends on the instrument"
+    if v & set(SPLIT_VERDICTS) or {"holds", "does not hold"} <= v:
+        return split
     return f"{(v - {'inconclusive'}).pop()} where resolved"
+
+
+def instrument_verdict(verdicts: Sequence[str]) -> str:
+    """One instrument's verdict over its models and subjects (:func:`_combined`): the common verdict
+    where they agree, "depends on the model or method" where some hold and some do not, and "holds
+    where resolved" or "does not hold where resolved" where the others are inconclusive (7 of 8
+    against and one inconclusive is not the same as no answer)."""
+    return _combined(verdicts, "depends on the model or method")
+
+
+def instruments_answer(verdicts: Sequence[str]) -> str:
+    """The answer over instruments' verdicts (:func:`instrument_verdict`), by the same rule
+    (:func:`_combined`), "depends on the instrument" where they disagree."""
+    return _combined(verdicts, "depends on the instrument")
 
 
 def claim_answer(rows: pd.DataFrame) -> str:
@@ -806,7 +810,7 @@ def claim_answer(rows: pd.DataFrame) -> str:
     cases = [instruments_answer(list(g.verdict)) for _, g in rows.groupby(["model", "subject"], sort=False)]
     if "depends on the instrument" in cases:
         return "depends on the instrument"
-    return instruments_answer(cases).replace("depends on the instrument", "depends on the model or method")
+    return _combined(cases, "depends on the model or method")
 
 
 def synthesis(by_instrument: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, pd.DataFrame]:

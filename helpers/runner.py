@@ -297,6 +297,26 @@ def prepare_embedded(plan: list[tuple[Path, dict[str, Any]]]) -> None:
         print(f"prepared {name} in {time.perf_counter() - start:.0f} s", flush=True)
 
 
+def selected_notebooks(
+    params: dict[str, Any], only: list[str] | None, notebooks_dir: Path = NOTEBOOKS_DIR
+) -> list[Path]:
+    """The numbered notebooks that ``--only`` (or the profile's ``runner.only``) names, all by default."""
+    notebooks = numbered_notebooks(notebooks_dir)
+    only = only or params.get("runner", {}).get("only")  # a profile may be meant for some notebooks only
+    if only:
+        notebooks = [nb for nb in notebooks if any(nb.stem.startswith(o) for o in only)]
+        if not notebooks:
+            raise ParameterFileError(f"--only {only} matches no notebook")
+    return notebooks
+
+
+def executed_folder(params: dict[str, Any], executed_dir: Path | None = None) -> Path:
+    """Where executed copies go: ``executed_dir``, else the profile's ``runner.executed_dir``, else
+    ``build/executed``; relative paths are taken from the repository root."""
+    out_dir = Path(executed_dir or params.get("runner", {}).get("executed_dir", "build/executed"))
+    return out_dir if out_dir.is_absolute() else REPO_ROOT / out_dir
+
+
 def run(
     params_file: Path,
     only: list[str] | None = None,
@@ -310,17 +330,11 @@ def run(
     import papermill as pm
 
     params = load_params(params_file)
-    notebooks = numbered_notebooks(notebooks_dir)
-    check_sections(params, notebooks)
-    only = only or params.get("runner", {}).get("only")  # a profile may be meant for some notebooks only
-    if only:
-        notebooks = [nb for nb in notebooks if any(nb.stem.startswith(o) for o in only)]
-        if not notebooks:
-            raise ParameterFileError(f"--only {only} matches no notebook")
+    check_sections(params, numbered_notebooks(notebooks_dir))
+    notebooks = selected_notebooks(params, only, notebooks_dir)
     plan = check_plan(notebooks, params, notebooks_dir)
     prepare_embedded(plan)
-    out_dir = Path(executed_dir or params.get("runner", {}).get("executed_dir", "build/executed"))
-    out_dir = out_dir if out_dir.is_absolute() else REPO_ROOT / out_dir
+    out_dir = executed_folder(params, executed_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read by OpenMP when the kernel starts
@@ -423,6 +437,11 @@ def final_progress(nb: dict) -> int:
     return replaced
 
 
+def _write_notebook(path: Path, nb: dict) -> None:
+    """Write an executed copy the way papermill leaves it (one-space indent, UTF-8 as is)."""
+    path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+
+
 def stamp(executed: Path, source: Path, params_file: Path, values: dict[str, Any], seconds: float) -> None:
     """Record in the executed copy what it was made from (see module docstring), with its progress
     bars at their final counts (:func:`final_progress`)."""
@@ -435,7 +454,7 @@ def stamp(executed: Path, source: Path, params_file: Path, values: dict[str, Any
         "parameters": values,
         "seconds": round(seconds, 1),
     }
-    executed.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+    _write_notebook(executed, nb)
 
 
 def sync_prose(source: Path, executed: Path) -> bool:
@@ -456,7 +475,7 @@ def sync_prose(source: Path, executed: Path) -> bool:
     if cells == ex["cells"]:
         return False
     ex["cells"] = cells
-    Path(executed).write_text(json.dumps(ex, indent=1, ensure_ascii=False) + "\n")
+    _write_notebook(Path(executed), ex)
     return True
 
 
@@ -468,18 +487,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sync-prose", action="store_true",
                         help="copy the sources' markdown into the executed copies, without running anything")  # fmt: skip
     args = parser.parse_args(argv)
-    if args.sync_prose:
-        folder = args.executed_dir or REPO_ROOT / (
-            load_params(args.params).get("runner", {}).get("executed_dir", "notebooks/executed")
-        )
-        for source in numbered_notebooks():
-            if args.only and not any(source.name.startswith(p) for p in args.only):
-                continue
-            executed = folder / source.name
-            if executed.exists() and sync_prose(source, executed):
-                print(f"{executed}: prose synced")
-        return 0
     try:
+        if args.sync_prose:
+            params = load_params(args.params)
+            folder = executed_folder(params, args.executed_dir)
+            for source in selected_notebooks(params, args.only):
+                executed = folder / source.name
+                if executed.exists() and sync_prose(source, executed):
+                    print(f"{executed}: prose synced")
+            return 0
         run(args.params, args.only, args.executed_dir)
     except ParameterFileError as err:
         print(f"error: {err}", file=sys.stderr)
