@@ -1084,6 +1084,8 @@ def equal_memory_verdict(pairs: pd.DataFrame, n_models: int = 2) -> tuple[str, s
         f"{k_large} of {n} equal-memory pairs{within} (one per precision family) favour the larger model, {k_small} "
         f"the smaller, {n - k_large - k_small} not resolved by the 95% paired interval"
     )
+    if deciding.smaller_family.nunique() == 1:  # the scope: which precision the smaller model had to be at
+        why += f"; the smaller model is at {deciding.smaller_family.iloc[0]} in every one"
     return verdict, why
 
 

@@ -490,3 +490,69 @@ def confound_words(effect: pd.DataFrame, tolerance: float = 0.05) -> str:
         f"{weights}; the perplexity response on the grid is smaller in {smaller}, larger in {larger} and not resolved "
         f"in {rest} of {len(effect)} (model, method) pairs"
     )
+
+
+# --------------------------------------------------------------------------- figures of notebook 06
+def kbit_panel(ax, reps: pd.DataFrame, y: str, low: str, high: str, x: str, colors: dict, markers: dict) -> None:
+    """One panel of the k-bit figure: per model (``colors``) a line through its precision families
+    from most to fewest bits, each family's marker (``markers``) with its interval ``low``..``high``.
+    fp4 stays off the line, a lone marker drawn 3% right of nf4 (they hold the same bits). ``x``:
+    a column of total bits, drawn in Mbit on a log axis with plain tick labels."""
+    from .notebook import log_axis
+
+    for model, t in reps.dropna(subset=[y]).groupby("model", sort=False):
+        t = t.sort_values(x, ascending=False)
+        path = t[t.family != "fp4"]
+        ax.plot(path[x] / 1e6, path[y], "-", color=colors[model], lw=1.5, zorder=1)
+        for r in t.itertuples():
+            value = getattr(r, y)
+            ax.errorbar(getattr(r, x) / 1e6 * (1.03 if r.family == "fp4" else 1.0), value,
+                        yerr=[[value - getattr(r, low)], [getattr(r, high) - value]], fmt=markers.get(r.family, "o"),
+                        color=colors[model], ms=7, capsize=3, zorder=2)  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xlim(reps[x].min() / 1e6 / 1.25, reps[x].max() / 1e6 * 1.25)
+    log_axis(ax.xaxis, subs=(1, 2, 4))
+
+
+def plot_confound(confound: pd.DataFrame, models: list[str], methods: list[str]):
+    """Notebook 06's GGUF-grid figure from :func:`grid_confound` rows (with ``model``): per model
+    (columns) the relative weight error (top, log scale, bars min-max over layers) and the
+    perplexity response (bottom, bars 95% intervals) of each weight round trip, on the GGUF grid and
+    off it, each value printed beside its marker. Returns the figure."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    from .notebook import log_axis
+
+    fig, axes = plt.subplots(2, len(models), figsize=(5.6 * len(models), 8), squeeze=False, sharey="row")
+    variants = {"GGUF grid": ("C0", "o", -0.15, -1), "off grid": ("C1", "s", 0.15, 1)}  # colour, marker, dx, label side
+    rows = (("weight_rel_error", "weight_rel_error_min", "weight_rel_error_max", "weight error", "{:.3f}"),
+            ("increase_over_own_fp32", "increase_low", "increase_high", "perplexity response", "{:+.1%}"))  # fmt: skip
+    x_of = {m: i for i, m in enumerate(methods)}
+    for col, model in enumerate(models):
+        c = confound[(confound.model == model) & (confound.method != "none")]
+        for row, (y, lo, hi, what, fmt) in enumerate(rows):
+            ax = axes[row, col]
+            for variant, (color, marker, dx, side) in variants.items():
+                v = c[c.weights == variant]
+                xs = np.array([x_of[m] for m in v.method]) + dx
+                ax.errorbar(xs, v[y], yerr=[v[y] - v[lo], v[hi] - v[y]], fmt=marker, color=color, ms=7, capsize=4,
+                            label=variant)  # fmt: skip
+                for x, value in zip(xs, v[y]):
+                    ax.annotate(fmt.format(value), (x, value), xytext=(7 * side, 0), textcoords="offset points",
+                                fontsize=8, va="center", ha="left" if side > 0 else "right", color=color,
+                                bbox=dict(boxstyle="round,pad=0.1", fc="white", ec="none", alpha=0.85))  # fmt: skip
+            ax.set_xticks(range(len(methods)), methods)
+            ax.set_xlim(-0.6, len(methods) - 0.4)
+            ax.set_xlabel("weight round trip (bitsandbytes)")
+            ax.set_title(f"{model}: {what}", fontsize=10)
+        axes[0, col].set_yscale("log")
+        log_axis(axes[0, col].yaxis)
+        axes[1, col].axhline(0, color="0.5", lw=0.8)
+        axes[1, col].yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:+.0%}"))
+    axes[0, 0].set_ylabel("relative weight error ‖q(W) − W‖ / ‖W‖\n(log scale; mean over layers, bars: min–max)")
+    axes[1, 0].set_ylabel("perplexity increase over the same\nweights unquantized (bars: 95% interval)")
+    axes[0, 0].legend(title="weights quantized", fontsize=9, loc="upper left")
+    fig.suptitle("Does the GGUF grid the baselines sit on change the quantization error?", fontsize=12, y=1.01)
+    fig.tight_layout()
+    return fig

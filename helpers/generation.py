@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pandas as pd
@@ -281,24 +282,40 @@ def first_word(text: str) -> str:
 
 
 @torch.inference_mode()
+def token_nll(
+    model, heads: Sequence[list[int]], tails: Sequence[list[int]], pad: int = 0, batch_size: int = 16
+) -> list[torch.Tensor]:
+    """Per-token NLL (nats) of each token of ``tails[i]`` given ``heads[i]`` and the tail's tokens
+    before it, under ``model``: one float tensor per row, on the CPU (empty for an empty tail).
+
+    Rows are batched longest first and left-padded with explicit positions (``pad`` fills, masked
+    out); ``logits_to_keep`` runs the output head over the tail's positions only. The one scorer
+    behind :func:`reference_nll` and :func:`helpers.judge.continuation_nll`."""
+    device = next(model.parameters()).device
+    out = [torch.empty(0) for _ in heads]
+    order = sorted(range(len(heads)), key=lambda i: -(len(heads[i]) + len(tails[i])))
+    for start in range(0, len(order), batch_size):
+        rows = [i for i in order[start : start + batch_size] if len(tails[i])]
+        if not rows:
+            continue
+        keep = max(len(tails[i]) for i in rows) + 1
+        ids, mask, pos = left_pad([list(heads[i]) + list(tails[i]) for i in rows], pad, device)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep).logits.float()
+        for j, i in enumerate(rows):
+            n = len(tails[i])
+            x = logits[j, keep - 1 - n : keep - 1]  # the positions that predict the tail's tokens
+            target = torch.tensor(list(tails[i]), device=device)[:, None]
+            out[i] = (log_normalizer(x) - x.gather(1, target).squeeze(1)).cpu()
+    return out
+
+
 def reference_nll(model, prompt_ids: list[list[int]], generated: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
     """Per-token NLL (nats) of each generated token under ``model`` (the fp32 reference).
 
     Returns ``[B, L]``; the cumulative mean over a prefix gives the reference perplexity of the
     first ``n`` tokens for every ``n`` at once.
     """
-    device = next(model.parameters()).device
-    B, L = generated.shape
-    out = torch.empty(B, L)
-    for start in range(0, B, batch_size):
-        rows = range(start, min(B, start + batch_size))
-        ids, mask, pos = left_pad([prompt_ids[i] + generated[i].tolist() for i in rows], 0, device)
-        # logits_to_keep: the lm_head runs for the generated positions only, not the prompt's
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=L + 1).logits.float()
-        lse = log_normalizer(logits.reshape(-1, logits.shape[-1])).view(len(rows), L + 1)
-        tgt = generated[list(rows)].to(device)
-        out[list(rows)] = (lse[:, :-1] - logits[:, :-1].gather(-1, tgt[..., None]).squeeze(-1)).cpu()
-    return out
+    return torch.stack(token_nll(model, prompt_ids, generated.tolist(), 0, batch_size))
 
 
 # --------------------------------------------------------------------------- batch dependence

@@ -27,12 +27,10 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 
 from . import analysis, stats
 from . import methods as registry
-from .generation import left_pad
-from .measures import log_normalizer
+from .generation import token_nll
 from .store import ResultStore, code_digest
 
 NOVEL_SPAN = 16  # bytes: a copy of at least this many bytes is repetition, not new text (about 3 words)
@@ -70,7 +68,6 @@ def novel_bytes(text: str, span: int = NOVEL_SPAN) -> int:
     return novel
 
 
-@torch.inference_mode()
 def continuation_nll(
     model, tokenizer, prompts: Sequence[str], continuations: Sequence[str], batch_size: int = 8
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -79,29 +76,14 @@ def continuation_nll(
 
     The prompt is tokenized as the judge's own generation would be (with its special tokens), the
     continuation on its own (without), and the two are joined: a valid tokenization of the text,
-    scored exactly. Batches are left-padded with explicit positions, longest first; the judge's
-    head runs only over the continuation positions."""
+    scored exactly (:func:`helpers.generation.token_nll`)."""
     if len(prompts) != len(continuations):
         raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
-    device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     heads = [tokenizer(p)["input_ids"] for p in prompts]
     tails = [tokenizer(c, add_special_tokens=False)["input_ids"] if c else [] for c in continuations]
-    nats, n_tokens = np.zeros(len(prompts)), np.array([len(t) for t in tails])
-    order = sorted(range(len(prompts)), key=lambda i: -(len(heads[i]) + len(tails[i])))
-    for start in range(0, len(order), batch_size):
-        rows = [i for i in order[start : start + batch_size] if tails[i]]
-        if not rows:
-            continue
-        keep = max(len(tails[i]) for i in rows) + 1
-        ids, mask, pos = left_pad([heads[i] + tails[i] for i in rows], pad, device)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep).logits.float()
-        for j, i in enumerate(rows):
-            c = len(tails[i])
-            x = logits[j, keep - 1 - c : keep - 1]  # the positions that predict the continuation's tokens
-            target = torch.tensor(tails[i], device=device)[:, None]
-            nats[i] = (log_normalizer(x) - x.gather(1, target).squeeze(1)).sum().item()
-    return nats, n_tokens
+    nll = token_nll(model, heads, tails, pad, batch_size)
+    return np.array([x.sum().item() for x in nll], dtype=float), np.array([len(t) for t in tails])
 
 
 def text_scores(nats: np.ndarray, texts: Sequence[str]) -> pd.DataFrame:
@@ -321,18 +303,19 @@ def plot_generations(
     judges: dict[str, str],
     methods: Sequence[str],
     palette: dict[str, str],
-    bands: Sequence[tuple[Sequence[float], str]],
+    bands: dict[str, Sequence[float]],
     reference: str = "fp32",
 ):
     """Notebook 04's generations figure, one column per model. Rows 1-2: the relative loss ``R``
     under the independent judge and the self-judge (``curve``: :func:`helpers.analysis.loss_curve`
     rows with a ``measure`` column), per novel byte (solid, with intervals) and per byte (dotted),
     greedy as separate markers and :data:`CONTROL` as a diamond; rows 3-4: every method's own loop
-    share and distinct-2 (``rates``, :func:`own_rates`). ``bands``: ``(band, colour)`` shaded
-    on every panel. Returns the figure."""
+    share and distinct-2 (``rates``, :func:`own_rates`). ``bands``: ``name -> (T low, T high)``,
+    hatched on every panel (:func:`helpers.notebook.shade_bands`). Returns the figure."""
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch
+
+    from .notebook import band_handles, shade_bands
 
     rows = [
         ("independent", "R, independent judge\n(> 0: worse than fp32)"),
@@ -374,8 +357,7 @@ def plot_generations(
                 axes[row, col].plot(greedy.index, greedy.to_numpy(), color=colour, marker="s", ms=6)
             axes[row, col].set_ylabel(label)
         for ax in axes[:, col]:
-            for band, colour in bands:
-                ax.axvspan(*band, color=colour, alpha=0.3, lw=0)
+            shade_bands(ax, bands)
         axes[-1, col].set_xlabel("temperature T (0 = greedy)")
     handles = [
         *(Line2D([], [], color=palette[m], lw=1.8, label=m) for m in methods),
@@ -385,8 +367,7 @@ def plot_generations(
         Line2D([], [], color="0.3", ls=":", label="R in bits per byte (likelihood alone)"),
         Line2D([], [], color="0.3", marker="s", ls="none", label="greedy (T = 0)"),
         Line2D([], [], color=palette[CONTROL], marker="D", ls="none", label=f"{CONTROL} control, per novel byte"),
-        *(Patch(color=colour, alpha=0.5, label=f"{name} band {list(band)}") for (band, colour), name in
-          zip(bands, ("low", "high"))),
+        *band_handles(bands),
     ]  # fmt: skip
     fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=9, bbox_to_anchor=(0.5, -0.05))
     return fig

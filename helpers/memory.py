@@ -72,6 +72,26 @@ def four_bit_embedding_note(parts: pd.DataFrame) -> str | None:
     )
 
 
+def peak_below_held(parts: pd.DataFrame) -> list[str]:
+    """One line per method whose peak growth (``peak_growth_MiB``) lies below the bytes it holds
+    (``total_MiB``), and why that can be: a model loaded in its checkpoint's own dtype (fp32 from an
+    fp32 file) is a memory map of the file, whose pages count in the resident set only once read;
+    an input embedding that is not tied to the output head is read only in the rows a prompt looks
+    up. ``parts``: one model's rows indexed by method, with ``embedding_MiB`` (the embedding, plus
+    the head where the model holds it separately) and ``tied_embeddings``."""
+    lines = []
+    for method, r in parts[parts.peak_growth_MiB < parts.total_MiB].iterrows():
+        line = f"{method}: peak growth {r.peak_growth_MiB:.0f} MiB, below the {r.total_MiB:.0f} MiB it holds"
+        if not r.tied_embeddings:  # the input embedding is half of embedding_MiB (the head has its shape)
+            rows = r.embedding_MiB / 2
+            line += (
+                f"; less the input embedding ({rows:.0f} MiB, a memory map read only in the looked-up rows) "
+                f"it holds {r.total_MiB - rows:.0f} MiB"
+            )
+        lines.append(line)
+    return lines
+
+
 # --------------------------------------------------------------------------- peak memory
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -267,3 +287,110 @@ def add_memory_breakdown(runs: pd.DataFrame, load: Callable[[str, str], tuple[An
             }
         )
     return runs.merge(pd.DataFrame(rows), on=["model", "method"], how="left")
+
+
+# --------------------------------------------------------------------------- roofline figure
+#: Size of the zoomed inset of crowded roofline markers and its title, as a fraction of its panel's width and height.
+INSET = 0.4
+
+
+def _fractions(values, limits) -> np.ndarray:
+    """Where ``values`` sit along a log-scaled axis with ``limits``, as fractions of its length."""
+    return np.log(np.asarray(values, float) / limits[0]) / np.log(limits[1] / limits[0])
+
+
+def crowded(xs, ys, xlim, ylim, radius: float = 0.045) -> list[int]:
+    """Indices of the largest group of points (two or more) that lie within ``radius`` of each other,
+    chained, measured in fractions of a log-log panel with limits ``xlim`` and ``ylim``: markers
+    there cover each other. Empty when no two points are that close."""
+    fx, fy = _fractions(xs, xlim), _fractions(ys, ylim)
+    group = list(range(len(fx)))
+
+    def root(i: int) -> int:
+        while group[i] != i:
+            i = group[i]
+        return i
+
+    for i in range(len(fx)):
+        for j in range(i):
+            if np.hypot(fx[i] - fx[j], fy[i] - fy[j]) < radius:
+                group[root(i)] = root(j)
+    members: dict[int, list[int]] = {}
+    for i in range(len(fx)):
+        members.setdefault(root(i), []).append(i)
+    largest = max(members.values(), key=len, default=[])
+    return largest if len(largest) >= 2 else []
+
+
+def free_corner(fx, fy, pad: float = 0.03) -> tuple[float, float] | None:
+    """Lower-left corner (panel fractions) of an :data:`INSET`-sized box in a corner of the panel
+    that holds none of the points ``(fx, fy)`` (panel fractions; pass the samples of a line too),
+    trying upper right, lower right, lower left, upper left; ``None`` if every corner is taken."""
+    fx, fy = np.asarray(fx, float), np.asarray(fy, float)
+    for x0, y0 in ((0.58, 0.57), (0.58, 0.08), (0.1, 0.08), (0.1, 0.57)):  # room for its tick labels
+        inside = (fx > x0 - pad) & (fx < x0 + INSET + pad) & (fy > y0 - pad) & (fy < y0 + INSET + pad)
+        if not inside.any():
+            return x0, y0
+    return None
+
+
+def roofline_panel(ax, d: pd.DataFrame, read_GBps: float, colors: dict, markers: dict) -> None:
+    """One model's batch-1 roofline on ``ax``: the bandwidth limit ``read_GBps`` (dashed), one marker
+    per method (``d`` indexed by method with ``MiB_per_token``, ``decode_tokens_per_s``,
+    ``roofline_tokens_per_s`` and ``share_of_limit``), a legend naming each method's share of the
+    limit, and, where markers cover each other (:func:`crowded`), a zoomed inset of them in a free
+    corner (:func:`free_corner`; the y range grows until one is free)."""
+    from matplotlib.patches import Rectangle
+    from matplotlib.ticker import NullLocator
+
+    lo, hi = d.MiB_per_token.min() / 1.4, d.MiB_per_token.max() * 1.6
+    xs = np.geomspace(lo, hi, 60)
+    limit = read_GBps * 1e9 / (xs * 2**20)
+
+    def draw(a, rows, size: float, label: bool) -> None:
+        for method, r in rows.iterrows():
+            a.scatter(r.MiB_per_token, r.decode_tokens_per_s, color=colors[method], marker=markers[method], s=size,
+                      edgecolor="k", lw=0.6, zorder=3,
+                      label=f"{method}: {r.share_of_limit:.0%} of the limit" if label else None)  # fmt: skip
+
+    ax.plot(xs, limit, "k--", lw=1, label=f"bandwidth limit ({read_GBps:.0f} GB/s read)")
+    draw(ax, d, 60, True)
+    ylim = (d.decode_tokens_per_s.min() / 1.8, d.roofline_tokens_per_s.max() * 1.3)
+    near = d.iloc[crowded(d.MiB_per_token, d.decode_tokens_per_s, (lo, hi), ylim)]
+    corner = None
+    widened = [(ylim[0] / 1.4**g, ylim[1] * 1.4**h) for n in range(10) for g, h in ((n, 0), (0, n + 1))]
+    for y in widened if len(near) else []:  # widen the y range, least first, until a corner is free
+        corner = free_corner(
+            np.r_[_fractions(d.MiB_per_token, (lo, hi)), _fractions(xs, (lo, hi))],
+            np.r_[_fractions(d.decode_tokens_per_s, y), _fractions(limit, y)],
+        )
+        if corner is not None:
+            ylim = y
+            break
+    ax.set(xscale="log", yscale="log", xlim=(lo, hi), ylim=ylim)
+    if corner is not None:
+        inset = ax.inset_axes([*corner, INSET, INSET - 0.08])  # the top of the free corner holds its title
+        draw(inset, near, 70, False)
+        inset.set(xscale="log", yscale="log")
+        box = []  # the zoomed range, marked on the panel by a box (no connectors, which would cross markers)
+        for axis, values, least in (
+            (inset.xaxis, near.MiB_per_token, 1.005),
+            (inset.yaxis, near.decode_tokens_per_s, 1.02),
+        ):
+            lo_v, hi_v = values.min(), values.max()
+            half = (
+                max(hi_v / lo_v, least) ** 0.8
+            )  # the markers fill the middle 60% of the inset (at least ``least`` wide)
+            low, high = np.sqrt(lo_v * hi_v) / half, np.sqrt(lo_v * hi_v) * half
+            axis.set_view_interval(low, high, ignore=True)
+            box.append((low, high))
+            ticks = np.geomspace(lo_v, hi_v, 3 if hi_v > lo_v * 1.03 else 2) if hi_v > lo_v * 1.001 else [lo_v]
+            axis.set_ticks(ticks, [f"{t:.0f}" if t >= 100 else f"{t:.3g}" for t in ticks])
+            axis.set_minor_locator(NullLocator())
+        inset.tick_params(labelsize=6.5)
+        inset.set_title("zoom into the grey box: " + ", ".join(near.index), fontsize=7)
+        (x0, x1), (y0, y1) = box
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="0.45", lw=1, zorder=4))
+        for side in inset.spines.values():
+            side.set_edgecolor("0.45")
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)

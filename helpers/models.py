@@ -267,6 +267,16 @@ EMBEDDED: dict[str, EmbeddedModel] = {
 DEFAULT_PREPARED = [name for name, spec in EMBEDDED.items() if not spec.on_demand]  # what `make models` prepares
 
 
+def block_of(name: str) -> tuple[int, str] | None:
+    """``(block, role)`` of a module inside the transformer blocks, from its Hugging Face name
+    ``...layers.<block>.<role>`` (``model.layers.3.mlp.down_proj`` -> ``(3, "mlp.down_proj")``);
+    ``None`` for a module outside them (the embedding, the output head)."""
+    if ".layers." not in name:
+        return None
+    block, _, role = name.split(".layers.", 1)[1].partition(".")
+    return (int(block), role) if block.isdigit() else None
+
+
 def block_linears(model) -> list[tuple[str, int, str, torch.nn.Linear]]:
     """``(name, block, role, module)`` for every Linear inside the transformer blocks.
 
@@ -276,12 +286,11 @@ def block_linears(model) -> list[tuple[str, int, str, torch.nn.Linear]]:
     """
     import torch
 
-    out = []
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and ".layers." in name:
-            block, role = name.split(".layers.", 1)[1].split(".", 1)
-            out.append((name, int(block), role, module))
-    return out
+    return [
+        (name, *block_of(name), module)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and block_of(name) is not None
+    ]
 
 
 def _missing_package_message(name: str) -> str:

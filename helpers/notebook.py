@@ -149,3 +149,26 @@ def log_axis(axis, subs: Sequence[float] = (1, 2, 5)) -> None:
     axis.set_major_locator(LogLocator(base=10, subs=subs))
     axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     axis.set_minor_locator(NullLocator())
+
+
+# --------------------------------------------------------------------------- temperature bands
+#: How the temperature bands of the verdicts are shaded: grey hatching, never a fill, so that no
+#: band reads as a method's interval ribbon (those are filled in the method's colour).
+BAND_HATCH: dict[str, str] = {"low": "//", "high": "\\\\"}
+BAND_EDGE = "0.78"
+
+
+def shade_bands(ax, bands: dict[str, Sequence[float]]) -> None:
+    """Hatch each ``name -> (T low, T high)`` band of ``bands`` across ``ax``, behind the data."""
+    for name, (low, high) in bands.items():
+        ax.axvspan(low, high, facecolor="none", edgecolor=BAND_EDGE, hatch=BAND_HATCH[name], lw=0, zorder=0)
+
+
+def band_handles(bands: dict[str, Sequence[float]]) -> list:
+    """Legend entries for :func:`shade_bands`: ``"low band [0.25, 0.8]"`` and so on."""
+    from matplotlib.patches import Patch
+
+    return [
+        Patch(facecolor="none", edgecolor=BAND_EDGE, hatch=BAND_HATCH[name], label=f"{name} band {list(band)}")
+        for name, band in bands.items()
+    ]

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .models import block_linears
+from .models import block_linears, block_of
 
 #: ``c`` of the scale-relative criterion ``|x| >= c * median|x|`` (see the module docstring).
 RELATIVE_C = 9.0
@@ -231,7 +231,7 @@ def feature_summary(
         out[f"dims_hit_anywhere{suffix}"] = int((s >= position_share).any(0).sum())
         out[f"layers_half_dims_hit{suffix}"] = int(crowded.sum())
         if not suffix:
-            blocks = [int(n.split(".layers.")[1].split(".")[0]) for n in names]
+            blocks = [block_of(n)[0] for n in names]
             out["blocks_half_dims_hit"] = sorted({b for b, c in zip(blocks, crowded) if c})
     out["hidden_median_abs_min"] = float(hidden_median_abs.min())
     out["hidden_median_abs_max"] = float(hidden_median_abs.max())

@@ -29,6 +29,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import time
 import warnings
@@ -50,7 +51,7 @@ from .memory import (
     reset_peak_memory,
     rss_mib,
 )
-from .provenance import device_description, load_table
+from .provenance import device_description, load_table, sidecar
 from .runtime import hardware_class, machine_load, resolve_device, synchronize, timed
 from .store import ResultStore, code_digest
 
@@ -312,6 +313,20 @@ class SpeedBenchmark:
         """Units still to time, in the order they will run."""
         return [u for u in self.units() if not self.store.done(self.key(*u))]
 
+    def bandwidth(self, measure: Callable[[], dict[str, float]]) -> dict[str, float]:
+        """The memory bandwidth to set beside this configuration's timings (the roofline's limit).
+
+        While a unit is still to be timed, ``measure()`` now: pass the result to :meth:`run`, which
+        stores it with every unit it times. Once every unit is stored, the best read and copy rates
+        stored with them, so that a rerun which times nothing draws the same roofline instead of
+        setting old timings against a new reading of the bandwidth."""
+        if self.pending():
+            return measure()
+        stored = [json.loads(sidecar(self.store.path(self.key(*u))).read_text()).get("bandwidth") for u in self.units()]
+        if any(b is None for b in stored):
+            return measure()  # units timed without a bandwidth reading
+        return {k: max(b[k] for b in stored) for k in stored[0]}
+
     def run(self, **meta: Any) -> int:
         """Time every pending unit, storing each the moment it is finished (``meta`` goes to its
         provenance); a model is loaded once for all its pending batch sizes. Returns how many
@@ -522,3 +537,36 @@ def class_runs(folder: str | Path, notebook: str, hardware: str) -> tuple[pd.Dat
         )
     runs, meta = load_table(tables[hardware])
     return runs.assign(hardware_class=hardware), meta
+
+
+def c4_c5_panel(
+    ax,
+    ratios: pd.DataFrame,
+    verdicts: pd.DataFrame,
+    rows: dict[str, int],
+    markers: dict[str, str],
+    palette: dict[str, str],
+    title: str,
+) -> None:
+    """One panel of notebook 03's C4/C5 figure: each model's decode speed relative to the best
+    unquantized 16-bit method (``ratios``, :func:`helpers.analysis.speed_ratios` rows) on the row
+    of its method (``rows``), one marker per model (``markers``; a star for a model not in it, such
+    as lit-gpt's falcon-7b), C4's threshold with its tie band on the int8 row, C5's tie band around 1,
+    and under ``title`` each claim's verdicts over the models (``verdicts``,
+    :func:`helpers.analysis.c4_c5_verdicts` rows)."""
+    from .analysis import C4_MAX_RATIO, C4_TIE, C5_TIE, count_words
+
+    for model, d in ratios.groupby("model", sort=False):
+        star = model not in markers
+        ax.scatter(d.ratio_to_16bit, d.method.map(rows), c=[palette[m] for m in d.method],
+                   marker="*" if star else markers[model], s=90 if star else 55, edgecolor="k", lw=0.6, zorder=3)  # fmt: skip
+    ax.axvline(C4_MAX_RATIO, color="C2", ls=":", lw=1.2)
+    if "int8" in rows:  # C4's tie band, on the int8 row it reads
+        ax.fill_betweenx([rows["int8"] - 0.45, rows["int8"] + 0.45], C4_MAX_RATIO * (1 - C4_TIE),
+                         C4_MAX_RATIO * (1 + C4_TIE), color="#c7e9c0", lw=0, zorder=0)  # fmt: skip
+    ax.axvline(1.0, color="k", ls="-", lw=0.8)
+    ax.axvspan(1 - C5_TIE, 1 + C5_TIE, color="0.85", lw=0, zorder=0)
+    ax.tick_params(labelbottom=True)  # every panel keeps its x scale
+    lines = [f"{claim} {count_words(v.verdict, of=' models')}" for claim, v in verdicts.groupby("claim")]
+    ax.set_title("\n".join([title, *lines]), fontsize=8.5)
+    ax.set_xlabel("decode speed / best 16-bit")

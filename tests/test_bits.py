@@ -197,6 +197,9 @@ def test_equal_memory_verdict_by_hand():
     assert analysis.equal_memory_verdict(with_ci((0.1, 0.2), (-0.01, 0.02), (-1, -0.5)))[0] == "does not hold"
     verdict, why = analysis.equal_memory_verdict(with_ci((-0.2, -0.1), (0.01, 0.02), (0, 0)))
     assert verdict == "inconclusive" and why.startswith("1 of 2 equal-memory pairs") and "1 the smaller" in why
+    assert why.endswith("; the smaller model is at 16-bit in every one")  # both eligible pairs
+    mixed = with_ci((-0.2, -0.1), (0.01, 0.02), (0, 0)).assign(smaller_family=["16-bit", "int8", "int8"])
+    assert "in every one" not in analysis.equal_memory_verdict(mixed)[1]
     assert analysis.equal_memory_verdict(with_ci((-0.2, 0.1), (-0.3, 0.1), (0, 0)))[0] == "inconclusive"
     # the larger model always needs more bits: cannot be tested, naming the closest pair
     far = bits.equal_memory_pairs(_families({"16-bit": 2152, "int8": 1308}, {"int8": 3491, "nf4": 3137}))
@@ -239,6 +242,7 @@ def test_equal_memory_is_decided_inside_one_model_family():
     assert tolerant.eligible.tolist() == [True, False, True]
     verdict, why = analysis.equal_memory_verdict(tolerant.assign(diff_low=[-0.3, 0, 0.1], diff_high=[-0.1, 0, 0.2]), 4)
     assert verdict == "does not hold" and why.startswith("0 of 1 equal-memory pairs inside one model family")
+    assert why.endswith("; the smaller model is at 16-bit in every one")
     assert bits.budget_pair(table) == ("Q-small", "Q-large")
     assert bits.budget_pair(table.drop(columns="model_family")) == ("A-small", "Q-large")
 
@@ -329,6 +333,43 @@ def test_grid_confound_and_effect_by_hand():
     assert e.bpb_round_trip_minus_bnb_method["nf4"] == 0 and np.isnan(e.bpb_round_trip_minus_bnb_method["int8"])
     with pytest.raises(ValueError, match="no block Linear"):
         bits.grid_confound(model, {}, text, ["nf4"], noise_seed=0)
+
+
+def test_the_figures_of_notebook_06_draw_what_they_are_given():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    reps = pd.DataFrame(
+        {
+            "model": ["a", "a", "a", "b"],
+            "family": ["fp32", "nf4", "fp4", "fp32"],
+            "bits": [4e9, 1e9, 1e9, 8e9],
+            "q": [1.0, 1.2, 1.3, 0.9],
+            "lo": [0.9, 1.1, 1.2, 0.8],
+            "hi": [1.1, 1.3, 1.4, np.nan],
+        }  # fmt: skip
+    )
+    fig, ax = plt.subplots()
+    bits.kbit_panel(ax, reps.dropna(subset=["hi"]), "q", "lo", "hi", "bits", {"a": "r", "b": "g"}, {"nf4": "o"})
+    (line,) = ax.lines[:1]
+    assert line.get_xdata().tolist() == [4000, 1000]  # a's line: fp32 -> nf4, fp4 off it; Mbit
+    markers = {round(float(x), 6) for marker in ax.lines[1:] for x in marker.get_xdata()}
+    assert markers == {4000.0, 1000.0, 1030.0}  # fp4 drawn 3% right of nf4 (b, without an interval, left out)
+    plt.close(fig)
+
+    rows = [
+        {"model": "m", "weights": w, "method": k, "weight_rel_error": e, "weight_rel_error_min": e / 2,
+         "weight_rel_error_max": e * 2, "increase_over_own_fp32": i, "increase_low": i - 0.01, "increase_high": i + 0.01}
+        for w, k, e, i in [("GGUF grid", "none", 0, 0), ("GGUF grid", "nf4", 0.1, 0.05), ("off grid", "nf4", 0.12, 0.07)]
+    ]  # fmt: skip
+    fig = bits.plot_confound(pd.DataFrame(rows), ["m"], ["nf4"])
+    top, bottom = fig.axes
+    assert [t.get_text() for t in top.texts] == ["0.100", "0.120"]  # the 'none' rows are not drawn
+    assert [t.get_text() for t in bottom.texts] == ["+5.0%", "+7.0%"]
+    assert top.get_yscale() == "log" and top.get_title() == "m: weight error"
+    plt.close(fig)
 
 
 def test_confound_words_by_hand():

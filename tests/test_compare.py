@@ -40,6 +40,7 @@ def test_run_specific_columns():
         "peak_rss_MiB",
         "code",
         "matched_to",
+        "overhead",
     ):
         assert compare.is_run_specific(col), col
     for col in ("kl", "tv", "weights_MiB", "perplexity", "tau", "noise_matched_to"):

@@ -102,3 +102,20 @@ def test_ci_text_and_log_axis():
     assert labels == ["0.1", "0.2", "0.5", "1", "2", "5", "10", "20", "50", "100"]
     assert ax.xaxis.get_minor_locator().tick_values(0.1, 100) == []
     plt.close(fig)
+
+
+def test_bands_are_hatched_not_filled_and_named_in_the_legend():
+    """The temperature bands must not read as a method's interval ribbon (a filled colour)."""
+    bands = {"low": (0.25, 0.8), "high": (1.0, 1.5)}
+    fig, ax = plt.subplots()
+    notebook.shade_bands(ax, bands)
+    spans = ax.patches
+    assert len(spans) == 2
+    for span, (name, (low, high)) in zip(spans, bands.items()):
+        assert span.get_x() == pytest.approx(low) and span.get_x() + span.get_width() == pytest.approx(high)
+        assert span.get_hatch() == notebook.BAND_HATCH[name]
+        assert span.get_facecolor()[3] == 0  # no fill
+    handles = notebook.band_handles(bands)
+    assert [h.get_label() for h in handles] == ["low band [0.25, 0.8]", "high band [1.0, 1.5]"]
+    assert [h.get_hatch() for h in handles] == [s.get_hatch() for s in spans]
+    plt.close(fig)

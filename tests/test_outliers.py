@@ -81,6 +81,8 @@ def test_block_linears_names_block_and_role():
         ("model.layers.1.down_proj", 1, "down_proj"),
         ("model.layers.1.mlp.up_proj", 1, "mlp.up_proj"),
     ]
+    assert models.block_of("model.layers.12.self_attn.o_proj") == (12, "self_attn.o_proj")
+    assert models.block_of("lm_head") is None and models.block_of("model.layers.norm") is None
 
 
 def test_relative_criterion_is_scale_invariant_and_counts_by_hand():

@@ -425,6 +425,29 @@ def test_only_missing_or_changed_units_are_timed(tmp_path):
     assert len(changed.store.read()) == 2 + 2  # both stored units are kept
 
 
+def test_the_bandwidth_is_the_one_stored_with_the_timings(tmp_path):
+    """Measured while a unit is pending (and stored with the units timed then); once all are
+    stored, the best reading stored with them, without measuring again."""
+    readings = iter([{"read_GBps": 20.0, "copy_GBps": 30.0}, {"read_GBps": 25.0, "copy_GBps": 28.0}])
+    calls = []
+
+    def measure():
+        calls.append(1)
+        return next(readings)
+
+    loads = []
+    first = _bench(tmp_path, loads)
+    bw = first.bandwidth(measure)
+    assert bw == {"read_GBps": 20.0, "copy_GBps": 30.0} and len(calls) == 1
+    first.run(bandwidth=bw)
+    assert _bench(tmp_path, loads).bandwidth(measure) == bw and len(calls) == 1  # nothing timed: stored
+    more = _bench(tmp_path, loads, batch_sizes=[1, 2])  # a pending unit: measured again, stored with it
+    more.run(bandwidth=more.bandwidth(measure))
+    assert len(calls) == 2
+    both = _bench(tmp_path, loads, batch_sizes=[1, 2]).bandwidth(measure)
+    assert both == {"read_GBps": 25.0, "copy_GBps": 30.0} and len(calls) == 2  # the best of each rate
+
+
 def test_speed_config_fails_in_one_line_before_loading(tmp_path):
     with pytest.raises(ValueError, match="unknown method"):
         timing.SpeedConfig(models=["tiny"], methods=["fp33"]).validate()
@@ -515,3 +538,120 @@ def test_four_bit_embedding_note_only_where_4bit_holds_more():
     note = memory.four_bit_embedding_note(parts)
     assert "unquantized in 32-bit floats, 200 MiB = 62% of nf4's bytes" in note
     assert memory.four_bit_embedding_note(parts.drop(index="bf16")) is None
+
+
+def test_crowded_markers_and_a_free_corner_by_hand():
+    # a log-log panel of 1..100 on both axes: 10 sits at fraction 0.5
+    xs, ys = [10, 10.5, 11, 50, 2], [10, 10.2, 9.8, 50, 90]
+    assert memory.crowded(xs, ys, (1, 100), (1, 100)) == [0, 1, 2]  # chained within 0.045; 50 and 2 alone
+    assert memory.crowded([2, 50], [2, 50], (1, 100), (1, 100)) == []
+    # the point (0.5, 0.5) blocks no corner box of 0.4; one in each corner leaves none free
+    assert memory.free_corner([0.5], [0.5]) == (0.58, 0.57)
+    assert memory.free_corner([0.8], [0.8]) == (0.58, 0.08)  # upper right taken: lower right
+    assert memory.free_corner([0.8, 0.8, 0.3, 0.3], [0.8, 0.3, 0.3, 0.8]) is None
+
+
+def test_roofline_panel_zooms_into_crowded_markers_only():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = pd.DataFrame(
+        {"MiB_per_token": [500.0, 160.0, 161.0, 162.0], "decode_tokens_per_s": [12.0, 16.0, 15.8, 16.3]},
+        index=["fp32", "nf4", "nf4-dq", "fp4"],
+    )
+    d["roofline_tokens_per_s"] = 30e9 / (d.MiB_per_token * 2**20)
+    d["share_of_limit"] = d.decode_tokens_per_s / d.roofline_tokens_per_s
+    colors, markers = dict.fromkeys(d.index, "k"), dict.fromkeys(d.index, "o")
+    fig, ax = plt.subplots()
+    memory.roofline_panel(ax, d, 30.0, colors, markers)
+    labels = ax.get_legend_handles_labels()[1]
+    assert (
+        labels[0] == "bandwidth limit (30 GB/s read)"
+        and labels[1] == f"fp32: {d.share_of_limit['fp32']:.0%} of the limit"
+    )
+    (inset,) = ax.child_axes
+    assert inset.get_title().endswith("nf4, nf4-dq, fp4") and len(inset.collections) == 3
+    lo, hi = inset.get_xlim()
+    assert lo < 160 and hi > 162 and hi < 200  # the zoom holds the three 4-bit markers, not fp32
+    # the panel's markers stay outside the inset's corner
+    fx = memory._fractions(d.MiB_per_token, ax.get_xlim())
+    fy = memory._fractions(d.decode_tokens_per_s, ax.get_ylim())
+    fig.canvas.draw()
+    x0, y0, w, h = ax.transAxes.inverted().transform_bbox(inset.get_window_extent()).bounds
+    assert not ((fx > x0) & (fx < x0 + w) & (fy > y0) & (fy < y0 + h)).any()
+    plt.close(fig)
+
+    fig, ax = plt.subplots()
+    memory.roofline_panel(ax, d.loc[["fp32", "nf4"]], 30.0, colors, markers)
+    assert ax.child_axes == []  # nothing crowded, no inset
+    plt.close(fig)
+
+
+def test_peak_below_held_names_the_untied_embedding():
+    parts = pd.DataFrame(
+        {
+            "peak_growth_MiB": [1987.0, 3500.0, 600.0],
+            "total_MiB": [2404.0, 1202.0, 700.0],
+            "embedding_MiB": [1038.0, 519.0, 640.0],
+            "tied_embeddings": [False, False, True],
+        },
+        index=["fp32", "bf16", "nf4"],
+    )
+    lines = memory.peak_below_held(parts)
+    assert lines[0] == (
+        "fp32: peak growth 1987 MiB, below the 2404 MiB it holds; less the input embedding (519 MiB, a memory map "
+        "read only in the looked-up rows) it holds 1885 MiB"
+    )
+    assert lines[1] == "nf4: peak growth 600 MiB, below the 700 MiB it holds" and len(lines) == 2
+
+
+@pytest.mark.models
+def test_an_fp32_model_is_a_memory_map_of_its_checkpoint():
+    """What notebook 03's memory section says of fp32 peaks: the weights stay file pages."""
+    from helpers import methods as registry
+
+    model, _ = registry.load("smollm2-135m", "fp32", "cpu")
+    regions = []
+    for line in open("/proc/self/maps"):
+        fields = line.split()
+        start, end = (int(v, 16) for v in fields[0].split("-"))
+        regions.append((start, end, fields[5] if len(fields) > 5 else ""))
+    ptr = model.model.embed_tokens.weight.data_ptr()
+    mapped = [name for start, end, name in regions if start <= ptr < end]
+    assert mapped and mapped[0].endswith(".safetensors")
+
+
+def test_c4_c5_panel_draws_each_model_on_its_method_rows():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ratios = pd.DataFrame(
+        {
+            "model": ["a", "a", "b", "b", "falcon"],
+            "method": ["int8", "nf4", "int8", "nf4", "int8"],
+            "ratio_to_16bit": [0.3, 0.9, 0.6, 1.1, 0.27],
+        }  # fmt: skip
+    )
+    verdicts = pd.DataFrame(
+        {"claim": ["C4", "C4", "C5", "C5"], "verdict": ["holds", "does not hold", "holds", "holds"]}
+    )
+    fig, ax = plt.subplots()
+    rows = {"bf16": 0, "int8": 1, "nf4": 2}
+    timing.c4_c5_panel(ax, ratios, verdicts, rows, {"a": "o", "b": "s"}, {"int8": "g", "nf4": "b"}, "class x")
+    points = [c.get_offsets().tolist() for c in ax.collections if len(c.get_offsets())]
+    assert [[0.3, 1], [0.9, 2]] in points and [[0.27, 1]] in points  # each model on its methods' rows
+    assert ax.get_title() == "class x\nC4 1 of 2 models holds, 1 does not hold\nC5 holds"
+    c4 = analysis.C4_MAX_RATIO
+    spans = [p.get_paths()[0].vertices for p in ax.collections if type(p).__name__ == "FillBetweenPolyCollection"]
+    assert any(  # C4's tie band, on the int8 row only
+        v[:, 0].min() == pytest.approx(c4 * (1 - analysis.C4_TIE))
+        and v[:, 0].max() == pytest.approx(c4 * (1 + analysis.C4_TIE))
+        and v[:, 1].min() == pytest.approx(0.55)
+        and v[:, 1].max() == pytest.approx(1.45)
+        for v in spans
+    )
+    plt.close(fig)
