@@ -1084,7 +1084,10 @@ def equal_memory_verdict(pairs: pd.DataFrame, n_models: int = 2) -> tuple[str, s
         f"{k_large} of {n} equal-memory pairs{within} (one per precision family) favour the larger model, {k_small} "
         f"the smaller, {n - k_large - k_small} not resolved by the 95% paired interval"
     )
-    if deciding.smaller_family.nunique() == 1:  # the scope: which precision the smaller model had to be at
+    if len(deciding[["smaller", "smaller_family"]].drop_duplicates()) == 1:  # the scope: which smaller model, how held
+        every = "every one " if n > 1 else ""
+        why += f"; {every}against {deciding.smaller.iloc[0]} at {deciding.smaller_family.iloc[0]}"
+    elif deciding.smaller_family.nunique() == 1:
         why += f"; the smaller model is at {deciding.smaller_family.iloc[0]} in every one"
     return verdict, why
 

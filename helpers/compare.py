@@ -32,14 +32,15 @@ RTOL = 1e-6
 ATOL = 1e-9
 _RUN_SPECIFIC = re.compile(
     r"(_s$|_s_|tokens_per_s|GBps|load_average|rss|seconds|memory_allocated|memory_reserved"
-    r"|^overhead$|^date$|^code$|^matched_to$|^hardware_class$|^device_name$)"
+    r"|^overhead$|^speedup$|^date$|^code$|^matched_to$|^hardware_class$|^device_name$)"
 )
 
 
 def is_run_specific(column: str) -> bool:
     """Whether a column differs from run to run by design: a measured time, speed, machine load or
-    peak memory, a ratio of two times (the harness ``overhead``), the machine, or the digest of the code that computed the row (``matched_to``: the
-    stored unit a control was matched to, whose file name holds such a digest)."""
+    peak memory, a ratio of two times (the harness ``overhead``, a ``speedup``), the machine, or the
+    digest of the code that computed the row (``matched_to``: the stored unit a control was matched
+    to, whose file name holds such a digest)."""
     return bool(_RUN_SPECIFIC.search(column))
 
 

@@ -65,8 +65,13 @@ def four_bit_embedding_note(parts: pd.DataFrame) -> str | None:
         return None
     k, emb = four_bit[0], parts.embedding_MiB
     bits = round(16 * emb[k] / emb["bf16"])  # the embedding's float width under k
+    what = (
+        "embedding stays"
+        if parts.get("tied_embeddings", pd.Series(True, parts.index))[k]
+        else "embedding and head stay"
+    )
     return (
-        f"{k} holds more than bf16: its embedding stays\nunquantized in {bits}-bit floats, "
+        f"{k} holds more than bf16: its {what}\nunquantized in {bits}-bit floats, "
         f"{emb[k]:.0f} MiB = {emb[k] / parts.total_MiB[k]:.0%} of {k}'s bytes\n"
         f"(bf16 stores it in 16 bits: {emb['bf16']:.0f} MiB)"
     )
@@ -81,12 +86,19 @@ def peak_below_held(parts: pd.DataFrame) -> list[str]:
     the head where the model holds it separately) and ``tied_embeddings``."""
     lines = []
     for method, r in parts[parts.peak_growth_MiB < parts.total_MiB].iterrows():
-        line = f"{method}: peak growth {r.peak_growth_MiB:.0f} MiB, below the {r.total_MiB:.0f} MiB it holds"
+        peak, held = round(r.peak_growth_MiB), round(r.total_MiB)
+        line = f"{method}: peak growth {peak} MiB, below the {held} MiB it holds"
         if not r.tied_embeddings:  # the input embedding is half of embedding_MiB (the head has its shape)
-            rows = r.embedding_MiB / 2
+            rows = round(r.embedding_MiB / 2)
             line += (
-                f"; less the input embedding ({rows:.0f} MiB, a memory map read only in the looked-up rows) "
-                f"it holds {r.total_MiB - rows:.0f} MiB"
+                f"; a run reads all but the input embedding ({rows} MiB, a memory map read only in the looked-up "
+                f"rows): {held - rows} MiB, "
+                + (
+                    f"and the other {peak - held + rows} MiB of the peak are activations, the KV cache and "
+                    "other allocations"
+                    if peak >= held - rows
+                    else f"{held - rows - peak} MiB above the peak growth"
+                )
             )
         lines.append(line)
     return lines
@@ -334,24 +346,61 @@ def free_corner(fx, fy, pad: float = 0.03) -> tuple[float, float] | None:
     return None
 
 
-def roofline_panel(ax, d: pd.DataFrame, read_GBps: float, colors: dict, markers: dict) -> None:
-    """One model's batch-1 roofline on ``ax``: the bandwidth limit ``read_GBps`` (dashed), one marker
-    per method (``d`` indexed by method with ``MiB_per_token``, ``decode_tokens_per_s``,
-    ``roofline_tokens_per_s`` and ``share_of_limit``), a legend naming each method's share of the
-    limit, and, where markers cover each other (:func:`crowded`), a zoomed inset of them in a free
-    corner (:func:`free_corner`; the y range grows until one is free)."""
+def _zoom(ax, near: pd.DataFrame, corner: tuple[float, float], draw: Callable) -> None:
+    """The inset of :func:`roofline_panel` at ``corner``: ``near``'s markers (``draw``), spread over
+    the middle 60% of each axis, and a grey box on ``ax`` (its limits set) around the range it
+    shows, padded by the markers' size and drawn over them."""
     from matplotlib.patches import Rectangle
     from matplotlib.ticker import NullLocator
 
+    inset = ax.inset_axes([*corner, INSET, INSET - 0.08])  # the top of the free corner holds its title
+    draw(inset, near, 70, False)
+    inset.set(xscale="log", yscale="log")
+    box = []  # marked on the panel by a box, without connectors (they would cross markers)
+    for axis, values, least in (
+        (inset.xaxis, near.MiB_per_token, 1.005),
+        (inset.yaxis, near.decode_tokens_per_s, 1.02),
+    ):
+        lo_v, hi_v = values.min(), values.max()
+        half = max(hi_v / lo_v, least) ** 0.8  # the axis spans 1.6x the markers' spread (at least ``least``)
+        low, high = np.sqrt(lo_v * hi_v) / half, np.sqrt(lo_v * hi_v) * half
+        axis.set_view_interval(low, high, ignore=True)
+        box.append((low, high))
+        ticks = [lo_v, hi_v] if hi_v > lo_v * 1.001 else [lo_v]  # data values only: the lowest and the highest
+        axis.set_ticks(ticks, [f"{t:.0f}" if t >= 100 else f"{t:.3g}" for t in ticks])
+        axis.set_minor_locator(NullLocator())
+    inset.tick_params(labelsize=6.5)
+    inset.set_title("zoom: " + ", ".join(near.index), fontsize=7)  # the box on the panel marks its range
+    for side in inset.spines.values():
+        side.set_edgecolor("0.3")
+    (x0, x1), (y0, y1) = box
+    (xa, xb), (ya, yb) = ax.get_xlim(), ax.get_ylim()
+    px, py = (xb / xa) ** 0.025, (yb / ya) ** 0.035  # 2.5% and 3.5% of the panel: about a marker's radius
+    ax.add_patch(Rectangle((x0 / px, y0 / py), x1 * px - x0 / px, y1 * py - y0 / py, fill=False, edgecolor="0.3",
+                           lw=1.1, zorder=5))  # fmt: skip
+
+
+def roofline_panel(
+    ax, d: pd.DataFrame, read_GBps: float, colors: dict, markers: dict, flagged: dict[str, str] | None = None
+) -> None:
+    """One model's batch-1 roofline on ``ax``: the bandwidth limit ``read_GBps`` (dashed), one marker
+    per method (``d`` indexed by method with ``MiB_per_token``, ``decode_tokens_per_s``,
+    ``roofline_tokens_per_s`` and ``share_of_limit``), a legend giving each method's speed and share
+    of the limit, and, where markers cover each other (:func:`crowded`), a zoomed inset of them in a
+    free corner (:func:`free_corner`; the y range grows until one is free). ``flagged``: method ->
+    a note (such as "non-finite logits"), drawn hollow and named in the legend."""
+    flagged = flagged or {}
     lo, hi = d.MiB_per_token.min() / 1.4, d.MiB_per_token.max() * 1.6
     xs = np.geomspace(lo, hi, 60)
     limit = read_GBps * 1e9 / (xs * 2**20)
 
     def draw(a, rows, size: float, label: bool) -> None:
         for method, r in rows.iterrows():
-            a.scatter(r.MiB_per_token, r.decode_tokens_per_s, color=colors[method], marker=markers[method], s=size,
-                      edgecolor="k", lw=0.6, zorder=3,
-                      label=f"{method}: {r.share_of_limit:.0%} of the limit" if label else None)  # fmt: skip
+            text = f"{method}: {r.decode_tokens_per_s:.3g} tok/s, {r.share_of_limit:.0%} of the limit"
+            a.scatter(r.MiB_per_token, r.decode_tokens_per_s, marker=markers[method], s=size, zorder=3,
+                      facecolor="none" if method in flagged else colors[method],
+                      edgecolor=colors[method] if method in flagged else "k", lw=1.4 if method in flagged else 0.6,
+                      label=(text + (f" ({flagged[method]})" if method in flagged else "")) if label else None)  # fmt: skip
 
     ax.plot(xs, limit, "k--", lw=1, label=f"bandwidth limit ({read_GBps:.0f} GB/s read)")
     draw(ax, d, 60, True)
@@ -360,37 +409,12 @@ def roofline_panel(ax, d: pd.DataFrame, read_GBps: float, colors: dict, markers:
     corner = None
     widened = [(ylim[0] / 1.4**g, ylim[1] * 1.4**h) for n in range(10) for g, h in ((n, 0), (0, n + 1))]
     for y in widened if len(near) else []:  # widen the y range, least first, until a corner is free
-        corner = free_corner(
-            np.r_[_fractions(d.MiB_per_token, (lo, hi)), _fractions(xs, (lo, hi))],
-            np.r_[_fractions(d.decode_tokens_per_s, y), _fractions(limit, y)],
-        )
+        points_x = np.r_[_fractions(d.MiB_per_token, (lo, hi)), _fractions(xs, (lo, hi))]
+        corner = free_corner(points_x, np.r_[_fractions(d.decode_tokens_per_s, y), _fractions(limit, y)])
         if corner is not None:
             ylim = y
             break
     ax.set(xscale="log", yscale="log", xlim=(lo, hi), ylim=ylim)
     if corner is not None:
-        inset = ax.inset_axes([*corner, INSET, INSET - 0.08])  # the top of the free corner holds its title
-        draw(inset, near, 70, False)
-        inset.set(xscale="log", yscale="log")
-        box = []  # the zoomed range, marked on the panel by a box (no connectors, which would cross markers)
-        for axis, values, least in (
-            (inset.xaxis, near.MiB_per_token, 1.005),
-            (inset.yaxis, near.decode_tokens_per_s, 1.02),
-        ):
-            lo_v, hi_v = values.min(), values.max()
-            half = (
-                max(hi_v / lo_v, least) ** 0.8
-            )  # the markers fill the middle 60% of the inset (at least ``least`` wide)
-            low, high = np.sqrt(lo_v * hi_v) / half, np.sqrt(lo_v * hi_v) * half
-            axis.set_view_interval(low, high, ignore=True)
-            box.append((low, high))
-            ticks = np.geomspace(lo_v, hi_v, 3 if hi_v > lo_v * 1.03 else 2) if hi_v > lo_v * 1.001 else [lo_v]
-            axis.set_ticks(ticks, [f"{t:.0f}" if t >= 100 else f"{t:.3g}" for t in ticks])
-            axis.set_minor_locator(NullLocator())
-        inset.tick_params(labelsize=6.5)
-        inset.set_title("zoom into the grey box: " + ", ".join(near.index), fontsize=7)
-        (x0, x1), (y0, y1) = box
-        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="0.45", lw=1, zorder=4))
-        for side in inset.spines.values():
-            side.set_edgecolor("0.45")
+        _zoom(ax, near, corner, draw)
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)

@@ -155,13 +155,15 @@ def log_axis(axis, subs: Sequence[float] = (1, 2, 5)) -> None:
 #: How the temperature bands of the verdicts are shaded: grey hatching, never a fill, so that no
 #: band reads as a method's interval ribbon (those are filled in the method's colour).
 BAND_HATCH: dict[str, str] = {"low": "//", "high": "\\\\"}
-BAND_EDGE = "0.78"
+BAND_EDGE = "0.84"
 
 
 def shade_bands(ax, bands: dict[str, Sequence[float]]) -> None:
     """Hatch each ``name -> (T low, T high)`` band of ``bands`` across ``ax``, behind the data."""
     for name, (low, high) in bands.items():
         ax.axvspan(low, high, facecolor="none", edgecolor=BAND_EDGE, hatch=BAND_HATCH[name], lw=0, zorder=0)
+        for edge in (low, high):  # a firm edge, dashed (not a grid line): hatching alone ends raggedly
+            ax.axvline(edge, color="0.55", lw=0.9, ls=(0, (4, 3)), zorder=0)
 
 
 def band_handles(bands: dict[str, Sequence[float]]) -> list:

@@ -550,15 +550,17 @@ def c4_c5_panel(
 ) -> None:
     """One panel of notebook 03's C4/C5 figure: each model's decode speed relative to the best
     unquantized 16-bit method (``ratios``, :func:`helpers.analysis.speed_ratios` rows) on the row
-    of its method (``rows``), one marker per model (``markers``; a star for a model not in it, such
-    as lit-gpt's falcon-7b), C4's threshold with its tie band on the int8 row, C5's tie band around 1,
+    of its method (``rows``), one marker per model (``markers``, each model a little above or below
+    the others in a row, so equal ratios stay visible; a star for a model not in it, such as
+    lit-gpt's falcon-7b), C4's threshold with its tie band on the int8 row, C5's tie band around 1,
     and under ``title`` each claim's verdicts over the models (``verdicts``,
     :func:`helpers.analysis.c4_c5_verdicts` rows)."""
     from .analysis import C4_MAX_RATIO, C4_TIE, C5_TIE, count_words
 
+    dodge = {m: 0.14 * (i - (len(markers) - 1) / 2) for i, m in enumerate(markers)}  # models apart within a row
     for model, d in ratios.groupby("model", sort=False):
         star = model not in markers
-        ax.scatter(d.ratio_to_16bit, d.method.map(rows), c=[palette[m] for m in d.method],
+        ax.scatter(d.ratio_to_16bit, d.method.map(rows) + dodge.get(model, 0.0), c=[palette[m] for m in d.method],
                    marker="*" if star else markers[model], s=90 if star else 55, edgecolor="k", lw=0.6, zorder=3)  # fmt: skip
     ax.axvline(C4_MAX_RATIO, color="C2", ls=":", lw=1.2)
     if "int8" in rows:  # C4's tie band, on the int8 row it reads

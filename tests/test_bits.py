@@ -197,9 +197,11 @@ def test_equal_memory_verdict_by_hand():
     assert analysis.equal_memory_verdict(with_ci((0.1, 0.2), (-0.01, 0.02), (-1, -0.5)))[0] == "does not hold"
     verdict, why = analysis.equal_memory_verdict(with_ci((-0.2, -0.1), (0.01, 0.02), (0, 0)))
     assert verdict == "inconclusive" and why.startswith("1 of 2 equal-memory pairs") and "1 the smaller" in why
-    assert why.endswith("; the smaller model is at 16-bit in every one")  # both eligible pairs
+    assert why.endswith("; every one against S at 16-bit")  # both eligible pairs: one smaller model, one precision
+    other = with_ci((-0.2, -0.1), (0.01, 0.02), (0, 0)).assign(smaller=["S", "T", "T"])
+    assert analysis.equal_memory_verdict(other)[1].endswith("; the smaller model is at 16-bit in every one")
     mixed = with_ci((-0.2, -0.1), (0.01, 0.02), (0, 0)).assign(smaller_family=["16-bit", "int8", "int8"])
-    assert "in every one" not in analysis.equal_memory_verdict(mixed)[1]
+    assert "every one" not in analysis.equal_memory_verdict(mixed)[1]
     assert analysis.equal_memory_verdict(with_ci((-0.2, 0.1), (-0.3, 0.1), (0, 0)))[0] == "inconclusive"
     # the larger model always needs more bits: cannot be tested, naming the closest pair
     far = bits.equal_memory_pairs(_families({"16-bit": 2152, "int8": 1308}, {"int8": 3491, "nf4": 3137}))
@@ -242,7 +244,7 @@ def test_equal_memory_is_decided_inside_one_model_family():
     assert tolerant.eligible.tolist() == [True, False, True]
     verdict, why = analysis.equal_memory_verdict(tolerant.assign(diff_low=[-0.3, 0, 0.1], diff_high=[-0.1, 0, 0.2]), 4)
     assert verdict == "does not hold" and why.startswith("0 of 1 equal-memory pairs inside one model family")
-    assert why.endswith("; the smaller model is at 16-bit in every one")
+    assert why.endswith("; against Q-small at 16-bit")
     assert bits.budget_pair(table) == ("Q-small", "Q-large")
     assert bits.budget_pair(table.drop(columns="model_family")) == ("A-small", "Q-large")
 

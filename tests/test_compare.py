@@ -41,6 +41,7 @@ def test_run_specific_columns():
         "code",
         "matched_to",
         "overhead",
+        "speedup",
     ):
         assert compare.is_run_specific(col), col
     for col in ("kl", "tv", "weights_MiB", "perplexity", "tau", "noise_matched_to"):

@@ -538,6 +538,8 @@ def test_four_bit_embedding_note_only_where_4bit_holds_more():
     note = memory.four_bit_embedding_note(parts)
     assert "unquantized in 32-bit floats, 200 MiB = 62% of nf4's bytes" in note
     assert memory.four_bit_embedding_note(parts.drop(index="bf16")) is None
+    untied = parts.assign(tied_embeddings=False)
+    assert "its embedding and head stay\nunquantized" in memory.four_bit_embedding_note(untied)
 
 
 def test_crowded_markers_and_a_free_corner_by_hand():
@@ -565,16 +567,18 @@ def test_roofline_panel_zooms_into_crowded_markers_only():
     d["share_of_limit"] = d.decode_tokens_per_s / d.roofline_tokens_per_s
     colors, markers = dict.fromkeys(d.index, "k"), dict.fromkeys(d.index, "o")
     fig, ax = plt.subplots()
-    memory.roofline_panel(ax, d, 30.0, colors, markers)
-    labels = ax.get_legend_handles_labels()[1]
-    assert (
-        labels[0] == "bandwidth limit (30 GB/s read)"
-        and labels[1] == f"fp32: {d.share_of_limit['fp32']:.0%} of the limit"
-    )
+    memory.roofline_panel(ax, d, 30.0, colors, markers, flagged={"fp4": "non-finite logits"})
+    handles, labels = ax.get_legend_handles_labels()
+    share = d.share_of_limit["fp32"]
+    assert labels[:2] == ["bandwidth limit (30 GB/s read)", f"fp32: 12 tok/s, {share:.0%} of the limit"]
+    assert labels[-1].endswith("of the limit (non-finite logits)")
+    hollow, filled = handles[-1].get_facecolor(), handles[1].get_facecolor()
+    assert (len(hollow) == 0 or hollow[0][3] == 0) and filled[0][3] == 1  # the flagged method is hollow
     (inset,) = ax.child_axes
     assert inset.get_title().endswith("nf4, nf4-dq, fp4") and len(inset.collections) == 3
     lo, hi = inset.get_xlim()
     assert lo < 160 and hi > 162 and hi < 200  # the zoom holds the three 4-bit markers, not fp32
+    assert [t.get_text() for t in inset.get_xticklabels()] == ["160", "162"]  # ticks at data values only
     # the panel's markers stay outside the inset's corner
     fx = memory._fractions(d.MiB_per_token, ax.get_xlim())
     fy = memory._fractions(d.decode_tokens_per_s, ax.get_ylim())
@@ -601,8 +605,9 @@ def test_peak_below_held_names_the_untied_embedding():
     )
     lines = memory.peak_below_held(parts)
     assert lines[0] == (
-        "fp32: peak growth 1987 MiB, below the 2404 MiB it holds; less the input embedding (519 MiB, a memory map "
-        "read only in the looked-up rows) it holds 1885 MiB"
+        "fp32: peak growth 1987 MiB, below the 2404 MiB it holds; a run reads all but the input embedding (519 MiB, "
+        "a memory map read only in the looked-up rows): 1885 MiB, and the other 102 MiB of the peak are activations, "
+        "the KV cache and other allocations"
     )
     assert lines[1] == "nf4: peak growth 600 MiB, below the 700 MiB it holds" and len(lines) == 2
 
@@ -643,7 +648,9 @@ def test_c4_c5_panel_draws_each_model_on_its_method_rows():
     rows = {"bf16": 0, "int8": 1, "nf4": 2}
     timing.c4_c5_panel(ax, ratios, verdicts, rows, {"a": "o", "b": "s"}, {"int8": "g", "nf4": "b"}, "class x")
     points = [c.get_offsets().tolist() for c in ax.collections if len(c.get_offsets())]
-    assert [[0.3, 1], [0.9, 2]] in points and [[0.27, 1]] in points  # each model on its methods' rows
+    points = [[[round(v, 6) for v in xy] for xy in p] for p in points]
+    assert [[0.3, 0.93], [0.9, 1.93]] in points  # model a a little to one side of its methods' rows
+    assert [[0.6, 1.07], [1.1, 2.07]] in points and [[0.27, 1]] in points  # b to the other, the star on the row
     assert ax.get_title() == "class x\nC4 1 of 2 models holds, 1 does not hold\nC5 holds"
     c4 = analysis.C4_MAX_RATIO
     spans = [p.get_paths()[0].vertices for p in ax.collections if type(p).__name__ == "FillBetweenPolyCollection"]
