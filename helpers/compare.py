@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from . import REPO_ROOT
-from .provenance import sidecar
+from .provenance import read_provenance, sidecar
 
 #: Relative and absolute tolerance for numbers that a rerun on the same hardware should reproduce.
 RTOL = 1e-6
@@ -99,7 +99,7 @@ def compare_tables(folder: Path, ref: str = "HEAD", any_class: bool = False) -> 
             changes.append(Change(name, "new"))
             continue
         old_class = json.loads(old_meta).get("hardware_class")
-        new_class = json.loads(sidecar(path).read_text()).get("hardware_class")
+        new_class = read_provenance(path).get("hardware_class")
         if old_class != new_class and not any_class:
             changes.append(Change(name, "skipped", f"hardware class {old_class} -> {new_class}"))
             continue

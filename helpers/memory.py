@@ -408,8 +408,8 @@ def roofline_panel(
     near = d.iloc[crowded(d.MiB_per_token, d.decode_tokens_per_s, (lo, hi), ylim)]
     corner = None
     widened = [(ylim[0] / 1.4**g, ylim[1] * 1.4**h) for n in range(10) for g, h in ((n, 0), (0, n + 1))]
+    points_x = np.r_[_fractions(d.MiB_per_token, (lo, hi)), _fractions(xs, (lo, hi))]  # x stays; y widens
     for y in widened if len(near) else []:  # widen the y range, least first, until a corner is free
-        points_x = np.r_[_fractions(d.MiB_per_token, (lo, hi)), _fractions(xs, (lo, hi))]
         corner = free_corner(points_x, np.r_[_fractions(d.decode_tokens_per_s, y), _fractions(limit, y)])
         if corner is not None:
             ylim = y

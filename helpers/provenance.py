@@ -104,6 +104,11 @@ def sidecar(path: str | os.PathLike[str]) -> Path:
     return path.with_name(base + ".provenance.json")
 
 
+def read_provenance(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The provenance record of data file ``path`` (its sidecar), without reading the table."""
+    return json.loads(sidecar(path).read_text())
+
+
 def save_table(df: pd.DataFrame, path: str | os.PathLike[str], *, device: str = "cpu", **meta: Any) -> Path:
     """Write ``df`` as CSV and its provenance sidecar; return the CSV path.
 

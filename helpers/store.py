@@ -36,7 +36,7 @@ from typing import Any
 
 import pandas as pd
 
-from .provenance import load_table, save_table, sidecar
+from .provenance import load_table, read_provenance, save_table, sidecar
 
 PACKAGE = __name__.rsplit(".", 1)[0]  # "helpers"
 _CONSTANT = re.compile(r"_?[A-Z][A-Z0-9_]*")
@@ -182,7 +182,7 @@ class ResultStore:
 
     def metadata(self) -> list[dict[str, Any]]:
         """The provenance of every finished unit (its key, timing, machine...), in file order."""
-        return [json.loads(sidecar(p).read_text()) for p in sorted(self.folder.glob("*.csv")) if sidecar(p).exists()]
+        return [read_provenance(p) for p in sorted(self.folder.glob("*.csv")) if sidecar(p).exists()]
 
     def read(self) -> pd.DataFrame:
         """All finished units as one table (empty if none). Raises if two files share a key."""

@@ -29,7 +29,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import time
 import warnings
@@ -51,7 +50,7 @@ from .memory import (
     reset_peak_memory,
     rss_mib,
 )
-from .provenance import device_description, load_table, sidecar
+from .provenance import device_description, load_table, read_provenance
 from .runtime import hardware_class, machine_load, resolve_device, synchronize, timed
 from .store import ResultStore, code_digest
 
@@ -322,7 +321,7 @@ class SpeedBenchmark:
         setting old timings against a new reading of the bandwidth."""
         if self.pending():
             return measure()
-        stored = [json.loads(sidecar(self.store.path(self.key(*u))).read_text()).get("bandwidth") for u in self.units()]
+        stored = [read_provenance(self.store.path(self.key(*u))).get("bandwidth") for u in self.units()]
         if any(b is None for b in stored):
             return measure()  # units timed without a bandwidth reading
         return {k: max(b[k] for b in stored) for k in stored[0]}

@@ -18,6 +18,7 @@ def test_save_and_load_roundtrip(tmp_path):
     back, meta = provenance.load_table(path)
     pd.testing.assert_frame_equal(back, df)
     assert meta["notebook"] == "01_x" and meta["parameters"] == {"a": 1} and meta["rows"] == 1
+    assert provenance.read_provenance(path) == meta  # the record alone, without the table
     for key in (
         "date",
         "git_commit",
